@@ -1,0 +1,326 @@
+"""MnasNet in Flax Linen, built from block strings, exact to the official TensorFlow code.
+
+Stem (3x3/2 conv, BN, ReLU), the blocks' layers, head (1x1 conv to 1280, never scaled by the depth
+multiplier, BN, ReLU), global average pool, dropout, dense. Convs have no bias; BN uses momentum 0.99
+and epsilon 1e-3; initialisers are the official ones. Parameters are float32, compute is `dtype`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Sequence, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from mnasnet_jax import blocks as blocks_lib
+from mnasnet_jax import platform
+
+HEAD_FILTERS = 1280
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+  blocks: tuple[str, ...]
+  stem_filters: int = 32
+  dropout_rate: float = 0.2
+
+
+ARCHITECTURES = {
+    'mnasnet_a1': Architecture((
+        'r1_k3_s11_e1_i32_o16_noskip', 'r2_k3_s22_e6_i16_o24', 'r3_k5_s22_e3_i24_o40_se0.25',
+        'r4_k3_s22_e6_i40_o80', 'r2_k3_s11_e6_i80_o112_se0.25', 'r3_k5_s22_e6_i112_o160_se0.25',
+        'r1_k3_s11_e6_i160_o320')),
+    'mnasnet_b1': Architecture((
+        'r1_k3_s11_e1_i32_o16_noskip', 'r3_k3_s22_e3_i16_o24', 'r3_k5_s22_e3_i24_o40',
+        'r3_k5_s22_e6_i40_o80', 'r2_k3_s11_e6_i80_o96', 'r4_k5_s22_e6_i96_o192',
+        'r1_k3_s11_e6_i192_o320_noskip')),
+    'mnasnet_small': Architecture((
+        'r1_k3_s11_e1_i16_o8', 'r1_k3_s22_e3_i8_o16', 'r2_k3_s22_e6_i16_o16',
+        'r4_k5_s22_e6_i16_o32_se0.25', 'r3_k3_s11_e6_i32_o32_se0.25', 'r3_k5_s22_e6_i32_o88_se0.25',
+        'r1_k3_s11_e6_i88_o144'), stem_filters=8, dropout_rate=0.0),
+    'mnasnet_d1': Architecture((
+        'r1_k3_s11_e9_i32_o24', 'r3_k3_s22_e9_i24_o36', 'r5_k3_s22_e9_i36_o48',
+        'r4_k5_s22_e9_i48_o96', 'r5_k7_s11_e3_i96_o96', 'r3_k3_s22_e9_i96_o80',
+        'r1_k7_s11_e6_i80_o320_noskip')),
+    'mnasnet_d1_320': Architecture((
+        'r3_k5_s11_e6_i32_o24', 'r4_k7_s22_e9_i24_o36', 'r5_k5_s22_e9_i36_o48',
+        'r5_k7_s22_e6_i48_o96', 'r5_k3_s11_e9_i96_o144', 'r5_k5_s22_e6_i144_o160',
+        'r1_k7_s11_e9_i160_o320')),
+    # MobileNetV2 1.0 as a point of the search space: its (t, c, n, s) table in MnasNet's layers.
+    'mobilenet_v2': Architecture((
+        'r1_k3_s11_e1_i32_o16', 'r2_k3_s22_e6_i16_o24', 'r3_k3_s22_e6_i24_o32',
+        'r4_k3_s22_e6_i32_o64', 'r3_k3_s11_e6_i64_o96', 'r3_k3_s22_e6_i96_o160',
+        'r1_k3_s11_e6_i160_o320')),
+}
+
+ArchLike = Union[str, Sequence[str], Sequence[blocks_lib.BlockArgs], Architecture]
+
+
+def architecture(arch: ArchLike) -> Architecture:
+  """A named architecture, or block strings with the default stem (32) and dropout (0.2)."""
+  if isinstance(arch, Architecture):
+    return arch
+  if isinstance(arch, str):
+    if arch in ARCHITECTURES:
+      return ARCHITECTURES[arch]
+    if '_' in arch and arch.startswith('r'):
+      arch = arch.split(',')
+    else:
+      raise ValueError(f'unknown architecture {arch!r}: expected one of {sorted(ARCHITECTURES)} '
+                       'or a comma-separated list of block strings')
+  parsed = blocks_lib.as_block_args(arch)
+  if not parsed:
+    raise ValueError('an architecture needs at least one block string')
+  return Architecture(tuple(blocks_lib.encode(b) for b in parsed))
+
+
+# --- initialisers (official code) ---------------------------------------------------------------
+
+def conv_kernel_init(key, shape, dtype=jnp.float32):
+  """normal(0, sqrt(2 / fan_out)) with fan_out = kh * kw * out_channels (1 per depthwise group)."""
+  kh, kw, _, out_channels = shape
+  return jax.random.normal(key, shape, dtype) * math.sqrt(2.0 / (kh * kw * out_channels))
+
+
+def depthwise_kernel_init(key, shape, dtype=jnp.float32):
+  kh, kw = shape[:2]
+  return jax.random.normal(key, shape, dtype) * math.sqrt(2.0 / (kh * kw))
+
+
+def dense_kernel_init(key, shape, dtype=jnp.float32):
+  limit = 1.0 / math.sqrt(shape[1])
+  return jax.random.uniform(key, shape, dtype, -limit, limit)
+
+
+# --- depthwise convolution in its two forms ------------------------------------------------------
+
+def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+  total = max((blocks_lib.same_output_size(size, stride) - 1) * stride + kernel - size, 0)
+  return total // 2, total - total // 2
+
+
+def depthwise_native(x, kernel, stride: int):
+  """The grouped convolution: XLA's native depthwise op, fast on TPU/GPU, what TFLite exports."""
+  return lax.conv_general_dilated(
+      x, kernel, (stride, stride), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      feature_group_count=x.shape[-1])
+
+
+def depthwise_shifted(x, kernel, stride: int):
+  """The same convolution as k*k strided slices times per-channel weights: fast on XLA:CPU."""
+  n, h, w, c = x.shape
+  k = kernel.shape[0]
+  padded = jnp.pad(x, ((0, 0), _same_padding(h, k, stride), _same_padding(w, k, stride), (0, 0)))
+  out_h, out_w = blocks_lib.same_output_size(h, stride), blocks_lib.same_output_size(w, stride)
+  out = None
+  for i in range(k):
+    for j in range(k):
+      window = lax.slice(padded, (0, i, j, 0),
+                         (n, i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1, c),
+                         (1, stride, stride, 1))
+      term = window * kernel[i, j, 0]
+      out = term if out is None else out + term
+  return out
+
+
+DEPTHWISE = {'native': depthwise_native, 'shifted': depthwise_shifted}
+
+
+class DepthwiseConv(nn.Module):
+  """k x k depthwise conv, no bias; both forms share one kernel of shape (k, k, 1, C)."""
+
+  kernel_size: int
+  stride: int
+  form: str
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param('kernel', depthwise_kernel_init,
+                        (self.kernel_size, self.kernel_size, 1, x.shape[-1]), jnp.float32)
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    return DEPTHWISE[self.form](x, kernel, self.stride)
+
+
+# --- layers ---------------------------------------------------------------------------------------
+
+class SqueezeExcite(nn.Module):
+  """Spatial mean, 1x1 reduce (with bias) + ReLU, 1x1 expand (with bias) + sigmoid, rescale."""
+
+  reduced: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    conv = functools.partial(nn.Conv, kernel_size=(1, 1), kernel_init=conv_kernel_init,
+                             dtype=self.dtype)
+    s = jnp.mean(x, axis=(1, 2), keepdims=True)
+    s = nn.relu(conv(self.reduced, name='reduce')(s))
+    s = nn.sigmoid(conv(x.shape[-1], name='expand')(s))
+    return x * s
+
+
+class MnasLayer(nn.Module):
+  """One layer of a block: an inverted bottleneck (or a regular conv), SE, and its skip."""
+
+  spec: blocks_lib.Layer
+  norm: Any
+  depthwise: str
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    spec = self.spec
+    conv = functools.partial(nn.Conv, use_bias=False, padding='SAME', kernel_init=conv_kernel_init,
+                             dtype=self.dtype)
+    norm = functools.partial(self.norm, use_running_average=not train)
+    inputs = x
+    if spec.op == 'conv':
+      x = conv(spec.out_filters, (spec.kernel, spec.kernel), spec.stride, name='conv')(x)
+      x = nn.relu(norm(name='conv_bn')(x))
+      if spec.se_filters:
+        x = SqueezeExcite(spec.se_filters, self.dtype, name='se')(x)
+    else:
+      if spec.expand != 1:
+        x = conv(spec.hidden_filters, (1, 1), name='expand')(x)
+        x = nn.relu(norm(name='expand_bn')(x))
+      x = DepthwiseConv(spec.kernel, spec.stride, self.depthwise, self.dtype, name='depthwise')(x)
+      x = nn.relu(norm(name='depthwise_bn')(x))
+      if spec.se_filters:
+        x = SqueezeExcite(spec.se_filters, self.dtype, name='se')(x)
+      x = conv(spec.out_filters, (1, 1), name='project')(x)
+      x = norm(name='project_bn')(x)
+    if spec.residual:
+      shortcut = inputs
+      if spec.stride > 1:
+        shortcut = nn.avg_pool(shortcut, (spec.stride, spec.stride), (spec.stride, spec.stride),
+                               padding='SAME', count_include_pad=False)
+      if spec.projects_shortcut:
+        shortcut = conv(spec.out_filters, (1, 1), name='shortcut')(shortcut)
+        shortcut = norm(name='shortcut_bn')(shortcut)
+      x = x + shortcut
+    return x
+
+
+class MnasNet(nn.Module):
+  """MnasNet from block strings; `bn_axis_name` makes BN average statistics across devices."""
+
+  blocks: tuple[str, ...]
+  num_classes: int = 1000
+  stem_filters: int = 32
+  head_filters: int = HEAD_FILTERS
+  depth_multiplier: float = 1.0
+  dropout_rate: float = 0.2
+  bn_momentum: float = 0.99
+  bn_epsilon: float = 1e-3
+  depthwise: str = 'native'
+  dtype: Any = jnp.float32
+  bn_axis_name: str | None = None
+
+  def layer_specs(self, resolution: int) -> list[blocks_lib.Layer]:
+    stem = blocks_lib.round_filters(self.stem_filters, self.depth_multiplier)
+    scaled = blocks_lib.scale(self.blocks, self.depth_multiplier)
+    return blocks_lib.layers(scaled, stem, blocks_lib.same_output_size(resolution, 2))
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    if images.ndim != 4 or images.shape[1] != images.shape[2]:
+      raise ValueError(f'expected square NHWC images, got shape {images.shape}')
+    norm = functools.partial(nn.BatchNorm, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
+                             dtype=self.dtype, axis_name=self.bn_axis_name)
+    conv = functools.partial(nn.Conv, use_bias=False, padding='SAME', kernel_init=conv_kernel_init,
+                             dtype=self.dtype)
+    x = images.astype(self.dtype)
+    stem = blocks_lib.round_filters(self.stem_filters, self.depth_multiplier)
+    x = conv(stem, (3, 3), 2, name='stem')(x)
+    x = nn.relu(norm(use_running_average=not train, name='stem_bn')(x))
+    for i, spec in enumerate(self.layer_specs(images.shape[1])):
+      x = MnasLayer(spec, norm, self.depthwise, self.dtype, name=f'layer_{i}')(x, train)
+    x = conv(self.head_filters, (1, 1), name='head')(x)
+    x = nn.relu(norm(use_running_average=not train, name='head_bn')(x))
+    x = jnp.mean(x, axis=(1, 2))
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    x = nn.Dense(self.num_classes, kernel_init=dense_kernel_init, dtype=self.dtype,
+                 name='classifier')(x)
+    return x.astype(jnp.float32)
+
+
+def create(arch: ArchLike, *, num_classes: int = 1000, depth_multiplier: float = 1.0,
+           dropout_rate: float | None = None, depthwise: str = 'auto', dtype: str = 'auto',
+           **kwargs) -> MnasNet:
+  """The model of a named architecture or block strings; device choices come from `platform`."""
+  spec = architecture(arch)
+  return MnasNet(
+      blocks=spec.blocks, num_classes=num_classes, stem_filters=spec.stem_filters,
+      depth_multiplier=depth_multiplier,
+      dropout_rate=spec.dropout_rate if dropout_rate is None else dropout_rate,
+      depthwise=platform.depthwise_form(depthwise), dtype=platform.compute_dtype(dtype), **kwargs)
+
+
+# --- analytic size ------------------------------------------------------------------------------
+
+def _layer_cost(layer: blocks_lib.Layer) -> tuple[int, int]:
+  """(params, multiply-adds) of one layer; BN counts its scale and offset."""
+  out_pixels = layer.out_resolution ** 2
+  params = macs = 0
+
+  def conv(cin, cout, k, pixels, groups=1):
+    nonlocal params, macs
+    params += k * k * cin * cout // groups + 2 * cout  # weights + BN
+    macs += pixels * k * k * cin * cout // groups
+
+  def se(width):
+    nonlocal params, macs
+    params += 2 * width * layer.se_filters + layer.se_filters + width
+    macs += 2 * width * layer.se_filters
+
+  if layer.op == 'conv':
+    conv(layer.in_filters, layer.out_filters, layer.kernel, out_pixels)
+    if layer.se_filters:
+      se(layer.out_filters)
+  else:
+    hidden = layer.hidden_filters
+    if layer.expand != 1:
+      conv(layer.in_filters, hidden, 1, layer.resolution ** 2)
+    conv(hidden, hidden, layer.kernel, out_pixels, groups=hidden)
+    if layer.se_filters:
+      se(hidden)
+    conv(hidden, layer.out_filters, 1, out_pixels)
+  if layer.projects_shortcut:
+    conv(layer.in_filters, layer.out_filters, 1, out_pixels)
+  return params, macs
+
+
+def summary(arch: ArchLike, depth_multiplier: float = 1.0, resolution: int = 224,
+            num_classes: int = 1000) -> dict:
+  """Trainable parameters and multiply-adds (convolutions and classifier), counted analytically."""
+  model = create(arch, num_classes=num_classes, depth_multiplier=depth_multiplier,
+                 depthwise='native', dtype='float32')
+  stem = blocks_lib.round_filters(model.stem_filters, depth_multiplier)
+  stem_res = blocks_lib.same_output_size(resolution, 2)
+  specs = model.layer_specs(resolution)
+  params = 27 * stem + 2 * stem
+  macs = stem_res ** 2 * 27 * stem
+  for layer in specs:
+    p, m = _layer_cost(layer)
+    params += p
+    macs += m
+  last_width = specs[-1].out_filters if specs else stem
+  last_res = specs[-1].out_resolution if specs else stem_res
+  params += last_width * model.head_filters + 2 * model.head_filters
+  macs += last_res ** 2 * last_width * model.head_filters
+  params += model.head_filters * num_classes + num_classes
+  macs += model.head_filters * num_classes
+  return {'params': int(params), 'macs': int(macs), 'layers': len(specs),
+          'blocks': list(model.blocks), 'stem_filters': stem, 'resolution': resolution,
+          'depth_multiplier': depth_multiplier, 'num_classes': num_classes}
+
+
+def count_params(params) -> int:
+  return int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))

@@ -1,0 +1,141 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mnasnet_jax import models
+
+# Official counts (REFERENCE.md section 3); B1 at other multipliers are torchvision's mnasnet0_5,
+# mnasnet0_75 and mnasnet1_3; MobileNetV2 1.0 is torchvision's mobilenet_v2.
+EXACT = {
+    ('mnasnet_a1', 1.0): 3_887_038,
+    ('mnasnet_b1', 1.0): 4_383_312,
+    ('mnasnet_small', 1.0): 2_030_264,
+    ('mnasnet_b1', 0.5): 2_218_512,
+    ('mnasnet_b1', 0.75): 3_170_208,
+    ('mnasnet_b1', 1.3): 6_282_256,
+    ('mobilenet_v2', 1.0): 3_504_872,
+}
+# The paper's A1 with depth multipliers, in millions rounded to 0.1 (REFERENCE.md section 4).
+PAPER_A1_MILLIONS = {1.4: 6.1, 1.0: 3.9, 0.75: 2.9, 0.5: 2.1, 0.35: 1.7}
+MULTIPLIERS = (0.35, 0.5, 0.75, 1.0, 1.4)
+
+
+@pytest.mark.parametrize('arch, multiplier', sorted(EXACT))
+def test_exact_official_counts(arch, multiplier):
+  assert models.summary(arch, multiplier)['params'] == EXACT[arch, multiplier]
+
+
+@pytest.mark.parametrize('multiplier', sorted(PAPER_A1_MILLIONS))
+def test_paper_a1_multiplier_sizes(multiplier):
+  params = models.summary('mnasnet_a1', multiplier)['params']
+  assert round(params / 1e6, 1) == PAPER_A1_MILLIONS[multiplier]
+
+
+@pytest.mark.parametrize('arch', sorted(models.ARCHITECTURES))
+@pytest.mark.parametrize('multiplier', MULTIPLIERS)
+def test_analytic_count_equals_flax_parameters(arch, multiplier):
+  model = models.create(arch, depth_multiplier=multiplier, depthwise='native')
+  variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)))
+  assert models.count_params(variables['params']) == models.summary(arch, multiplier)['params']
+
+
+def test_paper_macs():
+  assert round(models.summary('mnasnet_a1')['macs'] / 1e6, 1) == 311.6
+  assert round(models.summary('mnasnet_b1')['macs'] / 1e6, 1) == 314.4
+  assert round(models.summary('mnasnet_small')['macs'] / 1e6) == 68
+
+
+@pytest.mark.parametrize('arch', ['mnasnet_a1', 'mnasnet_small'])
+def test_macs_against_xla_cost_analysis(arch):
+  model = models.create(arch, depthwise='native', dtype='float32')
+  x = jnp.zeros((1, 224, 224, 3))
+  variables = model.init(jax.random.PRNGKey(0), x)
+  cost = jax.jit(model.apply).lower(variables, x).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  xla_macs = cost['flops'] / 2
+  macs = models.summary(arch)['macs']
+  # XLA also counts BN, ReLU, pooling and SE's elementwise work, a few percent on top of the convs.
+  assert macs <= xla_macs <= 1.07 * macs
+
+
+def test_output_shapes_and_dtypes():
+  model = models.create('mnasnet_a1', num_classes=10)
+  for size in (224, 32):
+    x = jnp.ones((2, size, size, 3))
+    variables = model.init(jax.random.PRNGKey(0), x)
+    logits = model.apply(variables, x)
+    assert logits.shape == (2, 10) and logits.dtype == jnp.float32
+    assert np.all(np.isfinite(logits))
+  assert set(variables) == {'params', 'batch_stats'}
+
+
+def test_bfloat16_compute_float32_params():
+  model = models.create('mnasnet_small', num_classes=10, dtype='bfloat16')
+  x = jnp.ones((2, 32, 32, 3))
+  variables = model.init(jax.random.PRNGKey(0), x)
+  assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(variables))
+  reference = models.create('mnasnet_small', num_classes=10, dtype='float32')
+  np.testing.assert_allclose(model.apply(variables, x), reference.apply(variables, x), atol=0.1)
+
+
+def test_train_mode_updates_batch_stats_and_uses_dropout():
+  model = models.create('mnasnet_a1', num_classes=10, dropout_rate=0.5)
+  x = jax.random.normal(jax.random.PRNGKey(1), (4, 32, 32, 3))
+  variables = model.init(jax.random.PRNGKey(0), x)
+  run = lambda seed: model.apply(variables, x, train=True, mutable=['batch_stats'],
+                                 rngs={'dropout': jax.random.PRNGKey(seed)})
+  (a, stats), (b, _) = run(0), run(1)
+  assert not np.allclose(a, b)
+  moved = jax.tree_util.tree_map(lambda u, v: np.abs(u - v).max(), stats['batch_stats'],
+                                 variables['batch_stats'])
+  assert max(jax.tree_util.tree_leaves(moved)) > 0
+
+
+def test_search_space_extensions_build():
+  arch = ['r1_k3_s11_e1_i32_o16', 'r2_k5_s22_e1_i16_o24_se0.25_conv', 'r2_k3_s22_e3_i24_o40_poolskip',
+          'r0_k3_s11_e6_i40_o40', 'r1_k3_s11_e6_i40_o48_poolskip']
+  model = models.create(arch, num_classes=10)
+  x = jnp.ones((1, 64, 64, 3))
+  variables = model.init(jax.random.PRNGKey(0), x)
+  assert model.apply(variables, x).shape == (1, 10)
+  assert models.count_params(variables['params']) == models.summary(arch, resolution=64,
+                                                                    num_classes=10)['params']
+
+
+def test_bad_architecture_names():
+  with pytest.raises(ValueError, match="unknown architecture 'mnasnet_z9'"):
+    models.create('mnasnet_z9')
+  with pytest.raises(ValueError, match='bad part'):
+    models.create(['r1_k3_s11_e1_i32_o16', 'r1_kx_s11_e1_i16_o16'])
+
+
+@pytest.mark.parametrize('kernel, stride, size', [(3, 1, 9), (3, 2, 9), (5, 2, 10), (5, 1, 7),
+                                                  (7, 2, 11)])
+def test_depthwise_forms_agree_in_outputs_and_gradients(kernel, stride, size):
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, size, size, 6))
+  w = jax.random.normal(jax.random.PRNGKey(1), (kernel, kernel, 1, 6))
+  outs = {name: fn(x, w, stride) for name, fn in models.DEPTHWISE.items()}
+  np.testing.assert_allclose(outs['native'], outs['shifted'], rtol=1e-5, atol=1e-5)
+  grads = {name: jax.grad(lambda x, w: jnp.sum(jnp.sin(fn(x, w, stride))), argnums=(0, 1))(x, w)
+           for name, fn in models.DEPTHWISE.items()}
+  for a, b in zip(grads['native'], grads['shifted']):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_depthwise_forms_agree_in_whole_model():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
+  native = models.create('mnasnet_a1', num_classes=10, depthwise='native')
+  shifted = models.create('mnasnet_a1', num_classes=10, depthwise='shifted')
+  variables = native.init(jax.random.PRNGKey(0), x)
+
+  def loss(model, params):
+    logits, _ = model.apply({'params': params, 'batch_stats': variables['batch_stats']}, x,
+                            train=True, mutable=['batch_stats'], rngs={'dropout': jax.random.PRNGKey(0)})
+    return jnp.mean(logits ** 2)
+
+  grads = [jax.grad(loss, argnums=1)(m, variables['params']) for m in (native, shifted)]
+  np.testing.assert_allclose(loss(native, variables['params']), loss(shifted, variables['params']),
+                             rtol=1e-4)
+  for a, b in zip(*map(jax.tree_util.tree_leaves, grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)

@@ -1,0 +1,73 @@
+"""The MnasNet search (paper section 4-5): `python launch/main.py --config=configs/search.py`.
+
+`configs/search.py` is the paper's search on ImageNet; `configs/search.py:local` a small real search
+on this CPU, offline, on Fashion-MNIST.
+"""
+
+import ml_collections
+
+
+def search_space_config():
+  """The factorised hierarchical space on MobileNetV2's seven blocks (owned by search_space.py)."""
+  space = ml_collections.ConfigDict()
+  # The base network: MobileNetV2 1.0's (t, c, n, s) table in MnasNet's layers, stem 32.
+  space.stem_filters = 32
+  space.base_blocks = (
+      'r1_k3_s11_e1_i32_o16', 'r2_k3_s22_e6_i16_o24', 'r3_k3_s22_e6_i24_o32',
+      'r4_k3_s22_e6_i32_o64', 'r3_k3_s11_e6_i64_o96', 'r3_k3_s22_e6_i96_o160',
+      'r1_k3_s11_e6_i160_o320')
+  space.searched_blocks = (0, 1, 2, 3, 4, 5, 6)  # the others keep their base block string
+  # The options of each decision (paper 4.2): 4 * 2 * 2 * 3 * 3 * 3 = 432 per searched block.
+  space.conv_ops = ('conv', 'sepconv', 'mbconv3', 'mbconv6')
+  space.kernels = (3, 5)
+  space.se_ratios = (0.0, 0.25)
+  space.skip_ops = ('pool', 'identity', 'none')
+  space.filter_multipliers = (0.75, 1.0, 1.25)
+  space.layer_deltas = (-1, 0, 1)
+  return space
+
+
+def controller_config():
+  """The search strategy: PPO-trained LSTM controller, or evolution / random (controller.py)."""
+  controller = ml_collections.ConfigDict()
+  # SECTION controller: filled in by the controller work.
+  return controller
+
+
+def reward_config():
+  """ACC * (LAT / T)^w and the other published rewards (reward.py)."""
+  reward = ml_collections.ConfigDict()
+  # SECTION reward: filled in by the reward work.
+  return reward
+
+
+def search_loop_config(local: bool):
+  """The loop: budget, batching into controller steps, failures, resume and report (search.py)."""
+  search = ml_collections.ConfigDict()
+  # The paper samples about 8,000 children; the policy is updated once per `children_per_step`.
+  search.num_children = 20 if local else 8000
+  search.children_per_step = 4 if local else 64
+  search.seed = 0  # the strategy's state (and with it every sample) derives from this seed
+  search.train_seed = 0  # child `trial` is proxy-trained with seed train_seed + trial
+  # A child whose training raises or diverges gets this reward (no soft or hard reward is lower).
+  search.failure_reward = 0.0
+  search.max_consecutive_failures = 10  # more in a row means a broken setup: stop, keep the record
+  search.keep_checkpoints = 3
+  search.report_every_steps = 1 if local else 10
+  search.report_top_k = 5 if local else 15  # the paper trains its top 15 in full
+  search.train_config = 'configs/train.py:local' if local else 'configs/train.py'
+  # JAX's persistent compilation cache under the workdir (every child is a new program).
+  search.compilation_cache = True
+  search.cache_min_compile_seconds = 0.5
+  return search
+
+
+def get_config(arg=None):
+  config = ml_collections.ConfigDict()
+  config.job = 'search'
+  config.search_space = search_space_config()
+  config.controller = controller_config()
+  config.reward = reward_config()
+  config.search = search_loop_config(local=arg == 'local')
+  # SECTION latency / data / proxy / search: filled in by the latency, training and search work.
+  return config

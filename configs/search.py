@@ -37,7 +37,12 @@ def controller_config():
 def reward_config():
   """ACC * (LAT / T)^w and the other published rewards (reward.py)."""
   reward = ml_collections.ConfigDict()
-  # SECTION reward: filled in by the reward work.
+  reward.kind = 'soft'  # 'soft', 'hard' (paper eq. 2), 'capped' or 'absolute' (TuNAS)
+  # None takes the kind's preset: soft -0.07 / -0.07, hard 0 / -1, capped beta -0.07, absolute -0.1.
+  reward.alpha = ml_collections.config_dict.placeholder(float)
+  reward.beta = ml_collections.config_dict.placeholder(float)
+  # The paper's T = 75 ms on a Pixel 1; None means the latency table's figure for mobilenet_v2.
+  reward.target_ms = ml_collections.config_dict.placeholder(float)
   return reward
 
 

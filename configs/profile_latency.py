@@ -1,0 +1,46 @@
+"""Profiles the latency lookup table: `python launch/main.py --config=configs/profile_latency.py[:ARG]
+--workdir=DIR`. ARG: none (224 px, 1000 classes: `litert_cpu_224.json`) or `local` (32 px, 10 classes:
+`litert_cpu_32.json`, the table of the local CPU search on Fashion-MNIST). The layers come from the
+search space of `configs/search.py` with the same ARG, plus the named architectures'.
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+
+def _search_config(arg):
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'search.py')
+  spec = importlib.util.spec_from_file_location('_search_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def get_config(arg=None):
+  if arg not in (None, '', 'local'):
+    raise ValueError(f'unknown profile_latency config argument {arg!r}: expected none or "local"')
+  local = arg == 'local'
+  config = ml_collections.ConfigDict()
+  config.job = 'profile_latency'
+  config.search_space = _search_config(arg).search_space
+  config.architectures = ('mnasnet_a1', 'mnasnet_b1', 'mnasnet_small', 'mnasnet_d1',
+                          'mnasnet_d1_320', 'mobilenet_v2')
+  config.resolution = 32 if local else 224
+  config.num_classes = 10 if local else 1000
+  config.table_name = f'litert_cpu_{config.resolution}.json'
+  config.backend = 'litert'  # or 'adb' (a phone; see config.adb)
+  # Timed invokes per unit after untimed warm-up ones; the table records these. Units at 32 px take
+  # tens of microseconds, so more repeats cost little there.
+  config.warmup = 20 if local else 5
+  config.repeats = 200 if local else 30
+  config.num_threads = 1  # a phone's single big core
+  config.log_every_seconds = 30.0
+  config.adb = ml_collections.ConfigDict()
+  config.adb.binary = 'adb'
+  config.adb.serial = ''  # '' = the only device attached
+  config.adb.device_dir = '/data/local/tmp/mnasnet_latency'
+  config.adb.benchmark_binary = '/data/local/tmp/benchmark_model'
+  config.adb.cpu_mask = 'f0'  # taskset mask of one big core (cores 4-7 on most big.LITTLE phones)
+  return config

@@ -1,0 +1,205 @@
+"""MnasNet to TFLite without TensorFlow: BN folded into the convs, `jax.export`, `litert-converter`.
+
+A phone runs the inference graph: every conv followed by BN becomes one conv with a bias, and the
+depthwise conv is the native grouped conv (TFLite's DEPTHWISE_CONV_2D). The folded forward pass below
+is that graph written over the Flax model's own variable tree, so trained variables export as they
+are and a single layer (for the latency table) exports without building a network around it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import export as jax_export
+from jax import lax
+
+from mnasnet_jax import blocks as blocks_lib
+from mnasnet_jax import models
+
+BN_EPSILON = 1e-3
+_DIMENSIONS = ('NHWC', 'HWIO', 'NHWC')
+
+
+# --- BN folding --------------------------------------------------------------------------------
+
+def fold_batchnorm(variables, epsilon: float = BN_EPSILON):
+  """Flax variables -> the same tree with every `<conv>` + `<conv>_bn` pair as one biased conv.
+
+  BN in inference is y = (x - mean) * scale / sqrt(var + eps) + bias, an affine map per output
+  channel, so it merges into the conv's kernel (last axis) and a new bias. Other leaves stay.
+  """
+  def fold(params, stats):
+    out = {}
+    for name, value in params.items():
+      if name.endswith('_bn'):
+        continue
+      bn = f'{name}_bn'
+      if bn in params:
+        factor = params[bn]['scale'] / jnp.sqrt(stats[bn]['var'] + epsilon)
+        out[name] = {'kernel': value['kernel'] * factor,
+                     'bias': params[bn]['bias'] - stats[bn]['mean'] * factor}
+      elif isinstance(value, dict) and 'kernel' not in value:
+        out[name] = fold(value, stats.get(name, {}))
+      else:
+        out[name] = value
+    return out
+
+  variables = jax.tree_util.tree_map(np.asarray, dict(variables))
+  return fold(variables['params'], variables.get('batch_stats', {}))
+
+
+def random_variables(module: nn.Module, input_shape, seed: int = 0, **kwargs):
+  """Variables of `module` with random values drawn in NumPy: shapes come from `eval_shape` alone,
+  so no initialiser runs (for latency only the shapes matter; BN statistics are made non-trivial)."""
+  shapes = jax.eval_shape(functools.partial(module.init, **kwargs), jax.random.PRNGKey(0),
+                          jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32))
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    name = path[-1].key
+    if name in ('scale', 'var'):
+      return rng.uniform(0.5, 1.5, leaf.shape).astype(np.float32)
+    if name in ('bias', 'mean'):
+      return rng.normal(0.0, 0.1, leaf.shape).astype(np.float32)
+    fan_in = int(np.prod(leaf.shape[:-1]))
+    return (rng.normal(0.0, 1.0, leaf.shape) / np.sqrt(fan_in)).astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+# --- the folded inference graph ----------------------------------------------------------------
+
+def _conv(x, p, stride: int = 1, groups: int = 1):
+  y = lax.conv_general_dilated(x, p['kernel'], (stride, stride), 'SAME',
+                               dimension_numbers=_DIMENSIONS, feature_group_count=groups)
+  return y + p['bias'] if 'bias' in p else y
+
+
+def _squeeze_excite(x, p):
+  s = jnp.mean(x, axis=(1, 2), keepdims=True)
+  s = jax.nn.relu(_conv(s, p['reduce']))
+  return x * jax.nn.sigmoid(_conv(s, p['expand']))
+
+
+def layer_forward(spec: blocks_lib.Layer, p, x):
+  """One MnasNet layer (models.MnasLayer) in inference, on folded parameters."""
+  inputs = x
+  if spec.op == 'conv':
+    x = jax.nn.relu(_conv(x, p['conv'], spec.stride))
+  else:
+    if spec.expand != 1:
+      x = jax.nn.relu(_conv(x, p['expand']))
+    x = jax.nn.relu(_conv(x, p['depthwise'], spec.stride, groups=x.shape[-1]))
+  if spec.se_filters:
+    x = _squeeze_excite(x, p['se'])
+  if spec.op != 'conv':
+    x = _conv(x, p['project'])
+  if spec.residual:
+    shortcut = inputs
+    if spec.stride > 1:
+      shortcut = nn.avg_pool(shortcut, (spec.stride, spec.stride), (spec.stride, spec.stride),
+                             padding='SAME', count_include_pad=False)
+    if spec.projects_shortcut:
+      shortcut = _conv(shortcut, p['shortcut'])
+    x = x + shortcut
+  return x
+
+
+def stem_forward(p, x):
+  return jax.nn.relu(_conv(x, p['stem'], 2))
+
+
+def head_forward(p, x):
+  x = jax.nn.relu(_conv(x, p['head']))
+  x = jnp.mean(x, axis=(1, 2))
+  return x @ p['classifier']['kernel'] + p['classifier']['bias']
+
+
+def network_forward(specs, p, images):
+  x = stem_forward(p, images)
+  for i, spec in enumerate(specs):
+    x = layer_forward(spec, p[f'layer_{i}'], x)
+  return head_forward(p, x)
+
+
+# --- export ------------------------------------------------------------------------------------
+
+def to_tflite(fn, input_shape) -> bytes:
+  """A TFLite flatbuffer of `fn` (one float32 input, constants closed over) via StableHLO."""
+  from litert_converter import converter_api_ext
+  from litert_converter.mlir import ir
+  from litert_converter.mlir import passmanager
+
+  exported = jax_export.export(jax.jit(fn), platforms=['cpu'])(
+      jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32))
+  context = ir.Context()
+  converter_api_ext.prepare_mlir_context(context)
+  with context, ir.Location.unknown():
+    module = ir.Module.parse(exported.mlir_module())
+    converter_api_ext.run_convert_to_tfl_passes(module, passmanager.PassManager(),
+                                                converter_api_ext.ConvertToTFLConfig())
+    converter_api_ext.set_signature(module.operation, 'serving_default', ['images'], ['output'])
+    return converter_api_ext.export_flatbuffer_to_bytes(module.operation)
+
+
+def _write(path, content: bytes) -> str:
+  path = os.fspath(path)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, 'wb') as f:
+    f.write(content)
+  return path
+
+
+def _model(arch, num_classes):
+  return models.create(arch, num_classes=num_classes, depthwise='native', dtype='float32')
+
+
+def export_tflite(arch, path, resolution: int = 224, num_classes: int = 1000, params=None,
+                  seed: int = 0) -> str:
+  """Writes `arch` (a name or block strings) as a TFLite model of input [1, res, res, 3].
+
+  `params`: the Flax variables ({'params', 'batch_stats'}) of `models.create(arch, ...)`; None
+  draws random ones (enough for latency). Returns the path.
+  """
+  model = _model(arch, num_classes)
+  shape = (1, resolution, resolution, 3)
+  variables = random_variables(model, shape, seed) if params is None else params
+  folded = fold_batchnorm(variables, model.bn_epsilon)
+  specs = model.layer_specs(resolution)
+  return _write(path, to_tflite(functools.partial(network_forward, specs, folded), shape))
+
+
+# --- the units of the latency table --------------------------------------------------------------
+
+_LAYER_NORM = functools.partial(nn.BatchNorm, epsilon=BN_EPSILON)
+
+
+def layer_tflite(spec: blocks_lib.Layer, seed: int = 0) -> bytes:
+  """One layer alone: input [1, r, r, in_filters], random weights."""
+  module = models.MnasLayer(spec, _LAYER_NORM, 'native')
+  shape = (1, spec.resolution, spec.resolution, spec.in_filters)
+  folded = fold_batchnorm(random_variables(module, shape, seed, train=False))
+  return to_tflite(functools.partial(layer_forward, spec, folded), shape)
+
+
+def stem_tflite(filters: int, resolution: int, seed: int = 0) -> bytes:
+  rng = np.random.default_rng(seed)
+  p = {'stem': {'kernel': rng.normal(0, 0.2, (3, 3, 3, filters)).astype(np.float32),
+                'bias': rng.normal(0, 0.1, (filters,)).astype(np.float32)}}
+  return to_tflite(functools.partial(stem_forward, p), (1, resolution, resolution, 3))
+
+
+def head_tflite(in_filters: int, resolution: int, num_classes: int,
+                head_filters: int = models.HEAD_FILTERS, seed: int = 0) -> bytes:
+  """The head as the model has it: 1x1 conv to 1280 + ReLU, global mean, classifier."""
+  rng = np.random.default_rng(seed)
+  p = {'head': {'kernel': rng.normal(0, 0.1, (1, 1, in_filters, head_filters)).astype(np.float32),
+                'bias': rng.normal(0, 0.1, (head_filters,)).astype(np.float32)},
+       'classifier': {'kernel': rng.normal(0, 0.03, (head_filters, num_classes)).astype(np.float32),
+                      'bias': np.zeros((num_classes,), np.float32)}}
+  return to_tflite(functools.partial(head_forward, p), (1, resolution, resolution, in_filters))

@@ -1,0 +1,310 @@
+"""The profile_latency job: time every distinct layer of the search space once, write the table.
+
+`python launch/main.py --config=configs/profile_latency.py[:local] --workdir=DIR`
+
+Units are every layer `SearchSpace.distinct_layers(resolution)` yields (deduplicated by
+`table.layer_key`), the layers of the named architectures in `config.architectures`, the stems, and
+the heads of every width that can reach them. Each is exported alone as a small TFLite model (random
+weights: float latency does not depend on their values) and timed on a backend:
+
+* `litert`: the ai-edge-litert interpreter on this machine, `num_threads` threads (1: a phone's one big
+  core), `warmup` untimed invokes then `repeats` timed ones; the entry is their median.
+* `adb`: the same file pushed to an Android phone and timed by TFLite's `benchmark_model` pinned with
+  `taskset` to `cpu_mask` (a big core), one thread; the entry is its reported average (the tool gives
+  no median). No phone was at hand when this was written: its command plumbing is tested against a
+  stand-in `adb` executable only (tests/test_latency.py).
+
+Every finished unit is appended to a JSON-lines journal in the workdir before the next starts, so a
+stopped job resumes where it stopped (on a phone it takes hours). The table goes to
+`<workdir>/<config.table_name>` when every unit is done.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import os
+import platform as host_platform
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+from absl import logging
+
+from mnasnet_jax import blocks as blocks_lib
+from mnasnet_jax import models
+from mnasnet_jax import search_space as search_space_lib
+from mnasnet_jax.latency import export
+from mnasnet_jax.latency import table as table_lib
+
+OVERHEAD_KEY = 'invoke_overhead'
+_PACKAGES = ('jax', 'jaxlib', 'flax', 'numpy', 'litert-converter', 'ai-edge-litert')
+
+
+def _timing_stats(seconds) -> dict:
+  ms = np.asarray(seconds, np.float64) * 1e3
+  return {'ms': float(np.median(ms)), 'mean_ms': float(ms.mean()), 'std_ms': float(ms.std()),
+          'min_ms': float(ms.min()), 'count': int(ms.size)}
+
+
+# --- backends ----------------------------------------------------------------------------------
+
+class LiteRTBackend:
+  """Times a model with the ai-edge-litert interpreter (XNNPACK) in this process."""
+
+  statistic = 'median'
+
+  def __init__(self, warmup: int, repeats: int, num_threads: int = 1):
+    if repeats < 1 or warmup < 0:
+      raise ValueError(f'expected repeats >= 1 and warmup >= 0, got {repeats} and {warmup}')
+    self.warmup, self.repeats, self.num_threads = warmup, repeats, num_threads
+
+  def device(self) -> dict:
+    name = host_platform.processor() or host_platform.machine()
+    try:
+      with open('/proc/cpuinfo') as f:
+        found = re.search(r'^model name\s*:\s*(.+)$', f.read(), re.M)
+      name = found.group(1).strip() if found else name
+    except OSError:
+      pass
+    return {'name': name, 'machine': host_platform.machine(), 'system': host_platform.platform(),
+            'cpu_count': os.cpu_count(), 'num_threads': self.num_threads}
+
+  def interpreter(self, content: bytes):
+    from ai_edge_litert.interpreter import Interpreter
+    interpreter = Interpreter(model_content=content, num_threads=self.num_threads)
+    interpreter.allocate_tensors()
+    rng = np.random.default_rng(0)
+    for detail in interpreter.get_input_details():
+      interpreter.set_tensor(detail['index'],
+                             rng.normal(size=detail['shape']).astype(detail['dtype']))
+    return interpreter
+
+  def time(self, content: bytes, name: str) -> dict:
+    del name
+    interpreter = self.interpreter(content)
+    for _ in range(self.warmup):
+      interpreter.invoke()
+    seconds = []
+    for _ in range(self.repeats):
+      start = time.perf_counter()
+      interpreter.invoke()
+      seconds.append(time.perf_counter() - start)
+    return _timing_stats(seconds)
+
+
+_BENCHMARK_LINE = re.compile(r'count=(\d+) first=\S+ curr=\S+ min=(\S+) max=\S+ avg=(\S+) std=(\S+)')
+
+
+def parse_benchmark_model(output: str) -> dict:
+  """Milliseconds from `benchmark_model`'s output: its last 'count=.. avg=.. std=..' line (in us)
+  is the timed runs (the one before it is the warm-up)."""
+  found = _BENCHMARK_LINE.findall(output)
+  if not found:
+    raise ValueError('no timing line ("count=... avg=... std=...") in benchmark_model output:\n'
+                     + output[-2000:])
+  count, min_us, avg_us, std_us = found[-1]
+  return {'ms': float(avg_us) / 1e3, 'mean_ms': float(avg_us) / 1e3, 'std_ms': float(std_us) / 1e3,
+          'min_ms': float(min_us) / 1e3, 'count': int(count)}
+
+
+class AdbBackend:
+  """Times a model on an Android phone over adb with TFLite's `benchmark_model`, one thread, pinned
+  by `taskset` to a big core. The phone needs the benchmark binary at `benchmark_binary` (see the
+  TFLite performance-measurement docs); `cpu_mask` is hex, e.g. 'f0' for cores 4-7."""
+
+  statistic = 'mean'
+
+  def __init__(self, warmup: int, repeats: int, num_threads: int = 1, adb: str = 'adb',
+               serial: str | None = None, device_dir: str = '/data/local/tmp/mnasnet_latency',
+               benchmark_binary: str = '/data/local/tmp/benchmark_model', cpu_mask: str = 'f0',
+               timeout: float = 600.0):
+    self.warmup, self.repeats, self.num_threads = warmup, repeats, num_threads
+    self.adb, self.serial, self.device_dir = adb, serial, device_dir
+    self.benchmark_binary, self.cpu_mask, self.timeout = benchmark_binary, cpu_mask, timeout
+    self._ready = False
+
+  def _run(self, *args: str) -> str:
+    command = [self.adb] + (['-s', self.serial] if self.serial else []) + list(args)
+    try:
+      done = subprocess.run(command, capture_output=True, text=True, timeout=self.timeout)
+    except FileNotFoundError:
+      raise RuntimeError(f'adb executable {self.adb!r} not found: install Android platform-tools or '
+                         'set config.adb.binary') from None
+    if done.returncode:
+      raise RuntimeError(f'{shlex.join(command)} failed ({done.returncode}): '
+                         f'{(done.stderr or done.stdout).strip()}')
+    return done.stdout
+
+  def shell(self, command: str) -> str:
+    return self._run('shell', command)
+
+  def device(self) -> dict:
+    props = {key: self.shell(f'getprop {prop}').strip() for key, prop in (
+        ('manufacturer', 'ro.product.manufacturer'), ('model', 'ro.product.model'),
+        ('board', 'ro.board.platform'), ('android', 'ro.build.version.release'))}
+    return {'name': f'{props["manufacturer"]} {props["model"]}'.strip(), **props,
+            'cpu_mask': self.cpu_mask, 'num_threads': self.num_threads}
+
+  def time(self, content: bytes, name: str) -> dict:
+    if not self._ready:
+      self.shell(f'mkdir -p {shlex.quote(self.device_dir)}')
+      self._ready = True
+    remote = f'{self.device_dir}/{name}.tflite'
+    with tempfile.TemporaryDirectory() as tmp:
+      local = os.path.join(tmp, f'{name}.tflite')
+      with open(local, 'wb') as f:
+        f.write(content)
+      self._run('push', local, remote)
+    try:
+      output = self.shell(' '.join([
+          'taskset', self.cpu_mask, shlex.quote(self.benchmark_binary), f'--graph={shlex.quote(remote)}',
+          f'--num_threads={self.num_threads}', f'--warmup_runs={self.warmup}',
+          f'--num_runs={self.repeats}', '--warmup_min_secs=0', '--min_secs=0', '--use_xnnpack=true']))
+    finally:
+      self.shell(f'rm -f {shlex.quote(remote)}')
+    return parse_benchmark_model(output)
+
+
+def create_backend(config):
+  if config.backend == 'litert':
+    return LiteRTBackend(config.warmup, config.repeats, config.num_threads)
+  if config.backend == 'adb':
+    return AdbBackend(config.warmup, config.repeats, config.num_threads, adb=config.adb.binary,
+                      serial=config.adb.serial or None, device_dir=config.adb.device_dir,
+                      benchmark_binary=config.adb.benchmark_binary, cpu_mask=config.adb.cpu_mask)
+  raise ValueError(f'unknown latency backend {config.backend!r}: expected "litert" or "adb"')
+
+
+# --- what to profile ------------------------------------------------------------------------------
+
+def overhead_tflite() -> bytes:
+  """The smallest model: one add on one number. Its invoke time is the interpreter's fixed cost."""
+  return export.to_tflite(lambda x: x + 1.0, (1, 1, 1, 1))
+
+
+def profile_units(space, architectures, resolution: int, num_classes: int) -> dict:
+  """key -> a function making that unit's TFLite model, for every unit the table needs."""
+  units = {}
+  stems, heads = {space.stem_filters} if space else set(), set()
+  layers = set(space.distinct_layers(resolution)) if space else set()
+  stem_res = blocks_lib.same_output_size(resolution, 2)
+  if space:
+    final_res = stem_res
+    for base in space.base:
+      final_res = blocks_lib.same_output_size(final_res, base.stride)
+    heads = {(w, final_res) for w in space.head_input_widths()}
+  for arch in architectures:
+    spec = models.architecture(arch)
+    arch_layers = blocks_lib.layers(spec.blocks, spec.stem_filters, stem_res)
+    layers.update(arch_layers)
+    stems.add(spec.stem_filters)
+    last = arch_layers[-1]
+    heads.add((last.out_filters, last.out_resolution))
+  for stem in sorted(stems):
+    units[table_lib.stem_key(stem, resolution)] = lambda s=stem: export.stem_tflite(s, resolution)
+  for layer in sorted(layers, key=table_lib.layer_key):
+    units.setdefault(table_lib.layer_key(layer), lambda l=layer: export.layer_tflite(l))
+  for width, res in sorted(heads):
+    units[table_lib.head_key(width, res, num_classes)] = (
+        lambda w=width, r=res: export.head_tflite(w, r, num_classes))
+  return units
+
+
+# --- the journal ---------------------------------------------------------------------------------
+
+def read_journal(path: str) -> dict:
+  """key -> entry of every finished unit; a torn last line (the job was killed) is ignored."""
+  done = {}
+  if not os.path.exists(path):
+    return done
+  with open(path) as f:
+    lines = f.read().splitlines()
+  for number, line in enumerate(lines, 1):
+    try:
+      record = json.loads(line)
+      done[record.pop('key')] = record
+    except (json.JSONDecodeError, KeyError, AttributeError):
+      if number != len(lines):
+        raise ValueError(f'corrupt journal {path} at line {number}: {line[:200]!r}') from None
+  return done
+
+
+def _append(path: str, key: str, entry: dict):
+  with open(path, 'a') as f:
+    f.write(json.dumps({'key': key, **entry}) + '\n')
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def library_versions() -> dict:
+  versions = {'python': sys.version.split()[0]}
+  for package in _PACKAGES:
+    try:
+      versions[package] = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+      versions[package] = None
+  return versions
+
+
+def profile(config, workdir: str) -> table_lib.LatencyTable:
+  """Profiles every unit not yet in the journal, then assembles and writes the table."""
+  if not workdir:
+    raise ValueError('the profile_latency job needs --workdir (its journal and table live there)')
+  os.makedirs(workdir, exist_ok=True)
+  space = (search_space_lib.SearchSpace(config.search_space)
+           if config.get('search_space') is not None else None)
+  units = profile_units(space, tuple(config.architectures), config.resolution, config.num_classes)
+  units[OVERHEAD_KEY] = overhead_tflite
+  backend = create_backend(config)
+  journal = os.path.join(workdir, f'{os.path.splitext(config.table_name)[0]}.journal.jsonl')
+  done = read_journal(journal)
+  todo = [key for key in units if key not in done]
+  logging.info('%d units to profile at %dpx, %d classes: %d already in %s, %d to go',
+               len(units), config.resolution, config.num_classes, len(units) - len(todo), journal,
+               len(todo))
+  start, export_seconds, timing_seconds, last_log = time.time(), 0.0, 0.0, 0.0
+  for n, key in enumerate(todo, 1):
+    t0 = time.time()
+    content = units[key]()
+    t1 = time.time()
+    entry = backend.time(content, key)
+    t2 = time.time()
+    export_seconds += t1 - t0
+    timing_seconds += t2 - t1
+    _append(journal, key, {**entry, 'export_s': round(t1 - t0, 4), 'time_s': round(t2 - t1, 4)})
+    done[key] = entry
+    if t2 - last_log > config.log_every_seconds or n == len(todo):
+      last_log = t2
+      rate = n / (t2 - start)
+      logging.info('profiled %d/%d (%d/%d in all), %.2f units/s (export %.0f%%), ETA %.0f min; '
+                   'last %s: %.3f ms', n, len(todo), len(done), len(units), rate,
+                   100 * export_seconds / max(t2 - start, 1e-9), (len(todo) - n) / rate / 60, key,
+                   entry['ms'])
+  entries = {key: {k: done[key][k] for k in ('ms', 'mean_ms', 'std_ms', 'min_ms', 'count')}
+             for key in units if key != OVERHEAD_KEY}
+  overhead = done[OVERHEAD_KEY]
+  table = table_lib.LatencyTable(
+      entries, resolution=config.resolution, num_classes=config.num_classes,
+      backend=config.backend, device=backend.device(),
+      versions=library_versions(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+      timing={'statistic': backend.statistic, 'warmup': config.warmup, 'repeats': config.repeats,
+              'num_threads': config.num_threads, 'unit': 'one TFLite model per entry, timed alone'},
+      search_space=config.search_space.to_dict() if space else None,
+      architectures=list(config.architectures),
+      calibration={'overhead_ms': overhead['ms'], 'scale': 1.0, 'offset_ms': 0.0,
+                   'note': 'overhead_ms: median invoke of a one-add model; scale and offset not '
+                           'fitted'})
+  path = table.save(os.path.join(workdir, config.table_name))
+  logging.info('wrote %s: %d entries, invoke overhead %.4f ms; export %.0f s, timing %.0f s this run',
+               path, len(entries), overhead['ms'], export_seconds, timing_seconds)
+  return table
+
+
+def run(config, workdir):
+  profile(config, workdir)

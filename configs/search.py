@@ -30,7 +30,23 @@ def search_space_config():
 def controller_config():
   """The search strategy: PPO-trained LSTM controller, or evolution / random (controller.py)."""
   controller = ml_collections.ConfigDict()
-  # SECTION controller: filled in by the controller work.
+  controller.strategy = 'ppo'  # 'ppo' (the paper's), 'evolution' or 'random'
+  # NASNet's controller: a one-layer LSTM with 100 units, trained with PPO and Adam.
+  controller.ppo = ml_collections.ConfigDict()
+  controller.ppo.hidden_size = 100
+  controller.ppo.init_range = 0.1  # uniform(-0.1, 0.1) LSTM and embedding weights; heads start at 0
+  controller.ppo.learning_rate = 3e-3
+  controller.ppo.max_grad_norm = 1.0
+  controller.ppo.clip_epsilon = 0.2
+  controller.ppo.epochs = 4  # passes over each batch of children
+  controller.ppo.minibatch_size = 16
+  controller.ppo.entropy_weight = 1e-4
+  controller.ppo.baseline_decay = 0.9
+  controller.ppo.temperature = 1.0
+  # Regularised evolution (Real et al. 2019).
+  controller.evolution = ml_collections.ConfigDict()
+  controller.evolution.population_size = 64
+  controller.evolution.sample_size = 16
   return controller
 
 

@@ -1,0 +1,324 @@
+"""Search strategies behind one ask/tell interface: the paper's PPO-trained RNN controller, regularised
+evolution (Real et al. 2019) and random search.
+
+    strategy = controller.create(config.controller, space.choices)
+    state = strategy.init(seed)                            # a pytree of arrays (Orbax saves it)
+    tokens, state = strategy.ask(state, num)               # np.int32 [num, len(choices)]
+    state, metrics = strategy.tell(state, tokens, rewards)  # metrics: dict of floats
+
+All randomness comes from the key inside `state`, so the same seed and the same rewards give the same
+samples, and a restored state goes on exactly as the saved one would have.
+
+The controller (NASNet's, as MnasNet uses it) is a one-layer LSTM that makes one decision per step:
+its input is the embedding of the previous decision's choice (a learned start row at step 0), and
+each position has its own softmax head sized to that decision's options. It is trained with PPO:
+the clipped surrogate on whole-sequence probability ratios, advantage = reward - an exponential moving
+average baseline, an optional entropy bonus, several epochs of Adam minibatch updates per batch.
+`tell` treats its tokens as sampled by the current policy (as after the `ask` that produced them).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+STRATEGIES = ('ppo', 'evolution', 'random')
+_MASKED = -1e9  # logit of a padding option: probability exactly 0, no NaN in the entropy
+
+
+def _uniform_tokens(key, choices: jnp.ndarray, num: int) -> jnp.ndarray:
+  u = jax.random.uniform(key, (num, choices.shape[0]))
+  return jnp.minimum(jnp.floor(u * choices), choices - 1).astype(jnp.int32)
+
+
+def _as_batch(tokens, rewards, num_positions):
+  tokens = np.asarray(tokens, np.int32)
+  rewards = np.asarray(rewards, np.float32)
+  if tokens.ndim != 2 or tokens.shape[1] != num_positions:
+    raise ValueError(f'expected tokens of shape [num, {num_positions}], got {tokens.shape}')
+  if rewards.shape != (tokens.shape[0],):
+    raise ValueError(f'expected {tokens.shape[0]} rewards (one per sequence), got shape '
+                     f'{rewards.shape}')
+  if not np.all(np.isfinite(rewards)):
+    raise ValueError(f'rewards must be finite, got {rewards}')
+  return jnp.asarray(tokens), jnp.asarray(rewards)
+
+
+def _check_num(num):
+  if not isinstance(num, (int, np.integer)) or num < 1:
+    raise ValueError(f'num must be a positive integer, got {num!r}')
+  return int(num)
+
+
+# --- the LSTM policy ------------------------------------------------------------------------------
+
+def init_policy(key, choices: Sequence[int], hidden_size: int, init_range: float) -> dict:
+  """Embeddings (row 0 starts), LSTM weights, and one zero head per position (a uniform start)."""
+  k_embed, k_lstm = jax.random.split(key)
+  uniform = lambda k, shape: jax.random.uniform(k, shape, jnp.float32, -init_range, init_range)
+  return {
+      'embedding': uniform(k_embed, (1 + sum(choices), hidden_size)),
+      'lstm': {'kernel': uniform(k_lstm, (2 * hidden_size, 4 * hidden_size)),
+               'bias': jnp.zeros((4 * hidden_size,), jnp.float32)},
+      'heads': {'kernel': jnp.zeros((len(choices), hidden_size, max(choices)), jnp.float32),
+                'bias': jnp.zeros((len(choices), max(choices)), jnp.float32)},
+  }
+
+
+def _lstm(params, x, h, c):
+  gates = jnp.concatenate([x, h], axis=-1) @ params['kernel'] + params['bias']
+  i, f, g, o = jnp.split(gates, 4, axis=-1)
+  c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+  return jax.nn.sigmoid(o) * jnp.tanh(c), c
+
+
+def _run(params, choices: tuple, temperature: float, num: int, inputs, sampling: bool):
+  """Runs the controller over every position, sampling (inputs: a key per position) or scoring
+  given tokens (inputs: int32 [T, num]). Returns tokens [num, T], summed log-probs and entropies."""
+  offsets = np.concatenate([[1], 1 + np.cumsum(choices)[:-1]]).astype(np.int32)
+  valid = np.arange(max(choices))[None, :] < np.asarray(choices)[:, None]
+  hidden = params['lstm']['kernel'].shape[1] // 4
+
+  def step(carry, xs):
+    h, c, row = carry
+    head_kernel, head_bias, head_valid, offset, given = xs
+    h, c = _lstm(params['lstm'], params['embedding'][row], h, c)
+    logits = (h @ head_kernel + head_bias) / temperature
+    log_probs = jax.nn.log_softmax(jnp.where(head_valid, logits, _MASKED))
+    if sampling:
+      token = jax.random.categorical(given, log_probs).astype(jnp.int32)
+    else:
+      token = given
+    chosen = jnp.take_along_axis(log_probs, token[:, None], axis=1)[:, 0]
+    entropy = -jnp.sum(jnp.exp(log_probs) * log_probs, axis=1)
+    return (h, c, offset + token), (token, chosen, entropy)
+
+  zeros = jnp.zeros((num, hidden), jnp.float32)
+  init = (zeros, zeros, jnp.zeros((num,), jnp.int32))
+  xs = (params['heads']['kernel'], params['heads']['bias'], jnp.asarray(valid),
+        jnp.asarray(offsets), inputs)
+  _, (tokens, log_probs, entropies) = jax.lax.scan(step, init, xs)
+  return tokens.T, log_probs.sum(0), entropies.sum(0)
+
+
+def sample(params, key, choices: tuple, num: int, temperature: float = 1.0):
+  """`num` token sequences from the policy: (tokens int32 [num, T], log-probs [num])."""
+  keys = jax.random.split(key, len(choices))
+  tokens, log_probs, _ = _run(params, tuple(choices), temperature, num, keys, sampling=True)
+  return tokens, log_probs
+
+
+def log_prob(params, tokens, choices: tuple, temperature: float = 1.0):
+  """Log-probability [num] of each sequence under the policy, and its summed entropy [num]."""
+  tokens = jnp.asarray(tokens)
+  _, log_probs, entropies = _run(params, tuple(choices), temperature, tokens.shape[0], tokens.T,
+                                 sampling=False)
+  return log_probs, entropies
+
+
+# --- PPO ------------------------------------------------------------------------------------------
+
+def _ppo_loss(params, tokens, old_log_probs, advantages, weights, choices, config):
+  log_probs, entropies = log_prob(params, tokens, choices, config.temperature)
+  ratio = jnp.exp(log_probs - old_log_probs)
+  clipped = jnp.clip(ratio, 1.0 - config.clip_epsilon, 1.0 + config.clip_epsilon)
+  surrogate = jnp.minimum(ratio * advantages, clipped * advantages)
+  mean = lambda x: jnp.sum(weights * x) / jnp.sum(weights)
+  loss = -mean(surrogate) - config.entropy_weight * mean(entropies)
+  return loss, {'approx_kl': mean(old_log_probs - log_probs),
+                'clip_fraction': mean((jnp.abs(ratio - 1.0) > config.clip_epsilon).astype(jnp.float32))}
+
+
+class PPO:
+  """The LSTM controller trained with PPO; state: params, opt_state, baseline, key, step."""
+
+  def __init__(self, config, choices: Sequence[int]):
+    self.config = config
+    self.choices = tuple(int(c) for c in choices)
+    self.optimizer = optax.chain(optax.clip_by_global_norm(config.max_grad_norm),
+                                 optax.adam(config.learning_rate))
+    self._sample = jax.jit(self._sample_impl, static_argnums=1)
+    self._update = jax.jit(self._update_impl)
+
+  def init(self, seed: int) -> dict:
+    key, init_key = jax.random.split(jax.random.PRNGKey(seed))
+    params = init_policy(init_key, self.choices, self.config.hidden_size, self.config.init_range)
+    return {'params': params, 'opt_state': self.optimizer.init(params),
+            'baseline': jnp.zeros((), jnp.float32), 'key': key, 'step': jnp.zeros((), jnp.int32)}
+
+  def _sample_impl(self, state, num):
+    key, sample_key = jax.random.split(state['key'])
+    tokens, _ = sample(state['params'], sample_key, self.choices, num, self.config.temperature)
+    return tokens, {**state, 'key': key}
+
+  def ask(self, state, num: int):
+    tokens, state = self._sample(state, _check_num(num))
+    return np.array(tokens), state
+
+  def _update_impl(self, state, tokens, rewards):
+    config = self.config
+    num = tokens.shape[0]
+    old_log_probs, entropies = log_prob(state['params'], tokens, self.choices, config.temperature)
+    # The first batch starts the moving average at its own mean.
+    baseline = jnp.where(state['step'] == 0, jnp.mean(rewards), state['baseline'])
+    advantages = rewards - baseline
+    size = min(config.minibatch_size, num)
+    count = -(-num // size)
+    key, epochs_key = jax.random.split(state['key'])
+
+    def epoch(carry, epoch_key):
+      order = jnp.concatenate([jax.random.permutation(epoch_key, num),
+                               jnp.zeros((count * size - num,), jnp.int32)]).reshape(count, size)
+      weights = (jnp.arange(count * size) < num).astype(jnp.float32).reshape(count, size)
+
+      def minibatch(carry, batch):
+        params, opt_state = carry
+        index, weight = batch
+        grads, info = jax.grad(_ppo_loss, has_aux=True)(
+            params, tokens[index], old_log_probs[index], advantages[index], weight, self.choices,
+            config)
+        updates, opt_state = self.optimizer.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), info
+
+      return jax.lax.scan(minibatch, carry, (order, weights))
+
+    (params, opt_state), info = jax.lax.scan(
+        epoch, (state['params'], state['opt_state']), jax.random.split(epochs_key, config.epochs))
+    new_state = {'params': params, 'opt_state': opt_state,
+                 'baseline': config.baseline_decay * baseline
+                             + (1.0 - config.baseline_decay) * jnp.mean(rewards),
+                 'key': key, 'step': state['step'] + 1}
+    metrics = {'mean_reward': jnp.mean(rewards), 'max_reward': jnp.max(rewards),
+               'baseline': new_state['baseline'], 'entropy': jnp.mean(entropies),
+               'approx_kl': info['approx_kl'][-1].mean(),
+               'clip_fraction': info['clip_fraction'][-1].mean()}
+    return new_state, metrics
+
+  def tell(self, state, tokens, rewards):
+    tokens, rewards = _as_batch(tokens, rewards, len(self.choices))
+    state, metrics = self._update(state, tokens, rewards)
+    return state, {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+# --- regularised evolution ------------------------------------------------------------------------
+
+class Evolution:
+  """Regularised evolution (Real et al. 2019): tournament selection, one-decision mutation, aging.
+
+  The population is a ring buffer of the last `population_size` children told, so the oldest dies
+  first. Until it is full, children are uniform random samples.
+  """
+
+  def __init__(self, config, choices: Sequence[int]):
+    self.config = config
+    self.choices = tuple(int(c) for c in choices)
+    if config.sample_size < 1 or config.population_size < 1:
+      raise ValueError(f'population_size ({config.population_size}) and sample_size '
+                       f'({config.sample_size}) must be positive')
+    if max(self.choices) < 2:
+      raise ValueError(f'nothing to mutate: every position has one option ({self.choices})')
+    self._ask = jax.jit(self._ask_impl, static_argnums=1)
+    self._tell = jax.jit(self._tell_impl)
+
+  def init(self, seed: int) -> dict:
+    size = self.config.population_size
+    return {'population': jnp.zeros((size, len(self.choices)), jnp.int32),
+            'rewards': jnp.zeros((size,), jnp.float32), 'count': jnp.zeros((), jnp.int32),
+            'key': jax.random.PRNGKey(seed), 'step': jnp.zeros((), jnp.int32)}
+
+  def _ask_impl(self, state, num):
+    choices = jnp.asarray(self.choices)
+    size = self.config.population_size
+    key, random_key, tournament_key, position_key, value_key = jax.random.split(state['key'], 5)
+    # Algorithm 1 of Real et al.: `sample_size` members drawn uniformly (with replacement).
+    contestants = jax.random.randint(tournament_key, (num, self.config.sample_size), 0, size)
+    winners = contestants[jnp.arange(num), jnp.argmax(state['rewards'][contestants], axis=1)]
+    parents = state['population'][winners]
+    # Mutate one decision that has an alternative, to a different option, uniformly.
+    can_change = jnp.log((choices > 1).astype(jnp.float32))
+    position = jax.random.categorical(position_key, can_change, shape=(num,))
+    n = choices[position]
+    shift = 1 + jnp.floor(jax.random.uniform(value_key, (num,)) * (n - 1)).astype(jnp.int32)
+    shift = jnp.minimum(shift, n - 1)
+    rows = jnp.arange(num)
+    children = parents.at[rows, position].set((parents[rows, position] + shift) % n)
+    random = _uniform_tokens(random_key, choices, num)
+    tokens = jnp.where(state['count'] >= size, children, random)
+    return tokens, {**state, 'key': key}
+
+  def ask(self, state, num: int):
+    tokens, state = self._ask(state, _check_num(num))
+    return np.array(tokens), state
+
+  def _tell_impl(self, state, tokens, rewards):
+    size = self.config.population_size
+
+    def insert(i, carry):
+      population, values, count = carry
+      slot = count % size
+      return population.at[slot].set(tokens[i]), values.at[slot].set(rewards[i]), count + 1
+
+    population, values, count = jax.lax.fori_loop(
+        0, tokens.shape[0], insert, (state['population'], state['rewards'], state['count']))
+    alive = jnp.arange(size) < count
+    new_state = {**state, 'population': population, 'rewards': values, 'count': count,
+                 'step': state['step'] + 1}
+    metrics = {'mean_reward': jnp.mean(rewards), 'max_reward': jnp.max(rewards),
+               'population_mean_reward': jnp.sum(jnp.where(alive, values, 0.0)) / jnp.sum(alive),
+               'population_best_reward': jnp.max(jnp.where(alive, values, -jnp.inf))}
+    return new_state, metrics
+
+  def tell(self, state, tokens, rewards):
+    tokens, rewards = _as_batch(tokens, rewards, len(self.choices))
+    state, metrics = self._tell(state, tokens, rewards)
+    return state, {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+# --- random search --------------------------------------------------------------------------------
+
+class RandomSearch:
+  """Uniform samples from the space: the baseline every search must beat."""
+
+  def __init__(self, config, choices: Sequence[int]):
+    del config
+    self.choices = tuple(int(c) for c in choices)
+    self._ask = jax.jit(self._ask_impl, static_argnums=1)
+
+  def init(self, seed: int) -> dict:
+    return {'key': jax.random.PRNGKey(seed), 'step': jnp.zeros((), jnp.int32),
+            'best_reward': jnp.full((), -jnp.inf, jnp.float32)}
+
+  def _ask_impl(self, state, num):
+    key, sample_key = jax.random.split(state['key'])
+    return _uniform_tokens(sample_key, jnp.asarray(self.choices), num), {**state, 'key': key}
+
+  def ask(self, state, num: int):
+    tokens, state = self._ask(state, _check_num(num))
+    return np.array(tokens), state
+
+  def tell(self, state, tokens, rewards):
+    tokens, rewards = _as_batch(tokens, rewards, len(self.choices))
+    best = jnp.maximum(state['best_reward'], jnp.max(rewards))
+    state = {**state, 'best_reward': best, 'step': state['step'] + 1}
+    return state, {'mean_reward': float(jnp.mean(rewards)), 'max_reward': float(jnp.max(rewards)),
+                   'best_reward': float(best),
+                   'entropy': float(sum(math.log(c) for c in self.choices))}
+
+
+def create(config, choices: Sequence[int]):
+  """The strategy `config.strategy` names, configured by its section of `config`."""
+  choices = tuple(int(c) for c in choices)
+  if not choices or min(choices) < 1:
+    raise ValueError(f'every position needs at least one option, got choices {choices}')
+  if config.strategy == 'ppo':
+    return PPO(config.ppo, choices)
+  if config.strategy == 'evolution':
+    return Evolution(config.evolution, choices)
+  if config.strategy == 'random':
+    return RandomSearch(config, choices)
+  raise ValueError(f'unknown strategy {config.strategy!r}: expected one of {STRATEGIES}')

@@ -1,0 +1,173 @@
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs.search import get_config
+from mnasnet_jax import controller
+
+CHOICES = (3, 4, 2, 3, 2)
+BATCH = 8  # one batch size throughout: each new shape is a new compilation
+
+
+def make(strategy, choices=CHOICES, **overrides):
+  config = get_config().controller
+  config.strategy = strategy
+  config.ppo.hidden_size = 16
+  config.ppo.learning_rate = 0.01
+  config.ppo.minibatch_size = BATCH
+  for section, values in overrides.items():
+    for k, v in values.items():
+      config[section][k] = v
+  return controller.create(config, choices)
+
+
+@pytest.fixture(scope='module')
+def ppo():
+  return make('ppo')
+
+
+@pytest.fixture(scope='module')
+def evolution():
+  return make('evolution', evolution={'population_size': BATCH, 'sample_size': 64})
+
+
+def test_initial_policy_is_uniform_and_sampling_scores_agree(ppo):
+  state = ppo.init(0)
+  tokens, log_probs = controller.sample(state['params'], state['key'], CHOICES, BATCH)
+  expected = -sum(np.log(CHOICES))
+  np.testing.assert_allclose(log_probs, expected, rtol=1e-5)
+  again, entropies = controller.log_prob(state['params'], tokens, CHOICES)
+  np.testing.assert_allclose(again, log_probs, rtol=1e-5)
+  np.testing.assert_allclose(entropies, -expected, rtol=1e-5)
+  assert tokens.dtype == np.int32 and np.all(tokens < np.array(CHOICES)) and np.all(tokens >= 0)
+
+
+@pytest.mark.parametrize('strategy', controller.STRATEGIES)
+def test_same_seed_same_samples(strategy, ppo, evolution):
+  strategy = {'ppo': ppo, 'evolution': evolution}.get(strategy) or make(strategy)
+
+  def run(seed):
+    state = strategy.init(seed)
+    asked = []
+    for _ in range(3):
+      tokens, state = strategy.ask(state, BATCH)
+      asked.append(tokens)
+      state, _ = strategy.tell(state, tokens, (tokens == 1).mean(1))
+    return np.stack(asked)
+
+  first = run(0)
+  assert first.shape == (3, BATCH, len(CHOICES)) and first.dtype == np.int32
+  np.testing.assert_array_equal(first, run(0))
+  assert not np.array_equal(first, run(1))
+
+
+def test_ppo_update_raises_the_probability_of_a_rewarded_sequence(ppo):
+  state = ppo.init(0)
+  tokens, state = ppo.ask(state, BATCH)
+  target = np.array([2, 3, 1, 0, 1], np.int32)
+  assert not (tokens[1:] == target).all(1).any()
+  tokens[0] = target
+  rewards = np.where(np.arange(len(tokens)) == 0, 1.0, 0.0)
+  before, _ = controller.log_prob(state['params'], tokens, CHOICES)
+  state, metrics = ppo.tell(state, tokens, rewards)
+  after, _ = controller.log_prob(state['params'], tokens, CHOICES)
+  assert after[0] > before[0] + 0.05
+  assert np.mean(after[1:]) < np.mean(before[1:])
+  # The first batch starts the baseline at its mean; then EMA with decay 0.9 toward the same mean.
+  np.testing.assert_allclose(metrics['baseline'], rewards.mean(), rtol=1e-6)
+  assert 0 < metrics['entropy'] <= sum(np.log(CHOICES)) + 1e-4
+  assert int(state['step']) == 1
+
+
+def test_ppo_learns_a_separable_problem(ppo):
+  state = ppo.init(3)
+  target = np.array([2, 3, 1, 0, 1])
+  for _ in range(40):
+    tokens, state = ppo.ask(state, BATCH)
+    state, metrics = ppo.tell(state, tokens, (tokens == target).mean(1))
+  assert metrics['mean_reward'] > 0.8  # uniform sampling averages 0.37
+  assert metrics['entropy'] < 0.5 * sum(np.log(CHOICES))
+
+
+def test_evolution_fills_then_mutates_the_tournament_winner_then_ages(evolution):
+  size = BATCH
+  state = evolution.init(0)
+  founders, state = evolution.ask(state, size)
+  rewards = np.arange(size, dtype=np.float32)
+  state, metrics = evolution.tell(state, founders, rewards)
+  assert metrics['population_best_reward'] == size - 1
+  # A tournament of 64 from 8 all but surely holds the best, and its child differs in one decision.
+  children = []
+  for _ in range(8):
+    batch, state = evolution.ask(state, size)
+    children.append(batch)
+  children = np.concatenate(children)
+  differences = (children != founders[-1]).sum(1)
+  assert np.all(differences == 1)
+  changed = (children != founders[-1]).any(0)
+  assert changed.all()  # every position gets mutated sometimes
+  # Aging: the oldest dies first, whatever its reward.
+  state, _ = evolution.tell(state, children[:size], -np.ones(size))
+  state, _ = evolution.tell(state, children[size:2 * size], np.arange(size) + 10.0)
+  population = np.asarray(state['population'])
+  np.testing.assert_array_equal(population, children[size:2 * size])
+  assert int(state['count']) == 3 * size
+
+
+def test_evolution_mutation_respects_single_option_positions():
+  evolution = make('evolution', choices=(1, 3, 1), evolution={'population_size': 4, 'sample_size': 2})
+  state = evolution.init(0)
+  tokens, state = evolution.ask(state, 4)
+  state, _ = evolution.tell(state, tokens, np.ones(4))
+  children, _ = evolution.ask(state, 4)
+  assert np.all(children[:, [0, 2]] == 0) and set(children[:, 1]) <= {0, 1, 2}
+
+
+def test_random_search_is_uniform():
+  random = make('random')
+  state = random.init(0)
+  tokens, state = random.ask(state, 6000)
+  for p, c in enumerate(CHOICES):
+    counts = np.bincount(tokens[:, p], minlength=c)
+    assert len(counts) == c
+    np.testing.assert_allclose(counts / 6000, 1 / c, atol=0.03)
+  state, metrics = random.tell(state, tokens[:3], np.array([0.1, 0.5, 0.2]))
+  assert metrics['best_reward'] == pytest.approx(0.5)
+  np.testing.assert_allclose(metrics['entropy'], sum(np.log(CHOICES)))
+
+
+@pytest.mark.parametrize('strategy', controller.STRATEGIES)
+def test_orbax_round_trip(strategy, ppo, evolution, tmp_path):
+  strategy = {'ppo': ppo, 'evolution': evolution}.get(strategy) or make(strategy)
+  state = strategy.init(5)
+  for _ in range(2):
+    tokens, state = strategy.ask(state, BATCH)
+    state, _ = strategy.tell(state, tokens, (tokens == 0).mean(1))
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(tmp_path / 'state', state)
+  checkpointer.wait_until_finished()
+  abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, strategy.init(0))
+  restored = checkpointer.restore(tmp_path / 'state', abstract)
+  assert jax.tree_util.tree_structure(restored) == jax.tree_util.tree_structure(state)
+  for a, b in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(state)):
+    np.testing.assert_array_equal(a, b)
+  expected, _ = strategy.ask(state, BATCH)
+  got, _ = strategy.ask(restored, BATCH)
+  np.testing.assert_array_equal(got, expected)
+
+
+def test_bad_inputs(ppo):
+  state = ppo.init(0)
+  with pytest.raises(ValueError, match=r'shape \[num, 5\]'):
+    ppo.tell(state, np.zeros((4, 3)), np.zeros(4))
+  with pytest.raises(ValueError, match='expected 4 rewards'):
+    ppo.tell(state, np.zeros((4, 5)), np.zeros(3))
+  with pytest.raises(ValueError, match='finite'):
+    ppo.tell(state, np.zeros((2, 5)), np.array([0.1, np.nan]))
+  with pytest.raises(ValueError, match='num must be a positive integer'):
+    ppo.ask(state, 0)
+  with pytest.raises(ValueError, match="unknown strategy 'reinforce'"):
+    make('reinforce')
+  with pytest.raises(ValueError, match=r'sample_size \(0\) must be positive'):
+    make('evolution', evolution={'population_size': 8, 'sample_size': 0})

@@ -40,7 +40,7 @@ def fold_batchnorm(variables, epsilon: float = BN_EPSILON):
         continue
       bn = f'{name}_bn'
       if bn in params:
-        factor = params[bn]['scale'] / jnp.sqrt(stats[bn]['var'] + epsilon)
+        factor = params[bn]['scale'] / np.sqrt(stats[bn]['var'] + epsilon)
         out[name] = {'kernel': value['kernel'] * factor,
                      'bias': params[bn]['bias'] - stats[bn]['mean'] * factor}
       elif isinstance(value, dict) and 'kernel' not in value:
@@ -176,30 +176,53 @@ def export_tflite(arch, path, resolution: int = 224, num_classes: int = 1000, pa
 
 # --- the units of the latency table --------------------------------------------------------------
 
-_LAYER_NORM = functools.partial(nn.BatchNorm, epsilon=BN_EPSILON)
+def _random_conv(rng, kernel: int, cin: int, cout: int, bias: bool = True):
+  """A folded conv's parameters; `cin` 1 is the depthwise kernel (k, k, 1, C)."""
+  p = {'kernel': (rng.normal(0.0, 1.0, (kernel, kernel, cin, cout))
+                  / np.sqrt(kernel * kernel * cin)).astype(np.float32)}
+  if bias:
+    p['bias'] = rng.normal(0.0, 0.1, (cout,)).astype(np.float32)
+  return p
+
+
+def random_layer_params(spec: blocks_lib.Layer, seed: int = 0) -> dict:
+  """Folded parameters of one layer, drawn directly: no Flax init (the profiler makes thousands)."""
+  rng = np.random.default_rng(seed)
+  p = {}
+  if spec.op == 'conv':
+    p['conv'] = _random_conv(rng, spec.kernel, spec.in_filters, spec.out_filters)
+    width = spec.out_filters
+  else:
+    width = spec.hidden_filters
+    if spec.expand != 1:
+      p['expand'] = _random_conv(rng, 1, spec.in_filters, width)
+    p['depthwise'] = _random_conv(rng, spec.kernel, 1, width)
+    p['project'] = _random_conv(rng, 1, width, spec.out_filters)
+  if spec.se_filters:
+    p['se'] = {'reduce': _random_conv(rng, 1, width, spec.se_filters),
+               'expand': _random_conv(rng, 1, spec.se_filters, width)}
+  if spec.projects_shortcut:
+    p['shortcut'] = _random_conv(rng, 1, spec.in_filters, spec.out_filters)
+  return p
 
 
 def layer_tflite(spec: blocks_lib.Layer, seed: int = 0) -> bytes:
   """One layer alone: input [1, r, r, in_filters], random weights."""
-  module = models.MnasLayer(spec, _LAYER_NORM, 'native')
+  params = random_layer_params(spec, seed)
   shape = (1, spec.resolution, spec.resolution, spec.in_filters)
-  folded = fold_batchnorm(random_variables(module, shape, seed, train=False))
-  return to_tflite(functools.partial(layer_forward, spec, folded), shape)
+  return to_tflite(functools.partial(layer_forward, spec, params), shape)
 
 
 def stem_tflite(filters: int, resolution: int, seed: int = 0) -> bytes:
-  rng = np.random.default_rng(seed)
-  p = {'stem': {'kernel': rng.normal(0, 0.2, (3, 3, 3, filters)).astype(np.float32),
-                'bias': rng.normal(0, 0.1, (filters,)).astype(np.float32)}}
-  return to_tflite(functools.partial(stem_forward, p), (1, resolution, resolution, 3))
+  params = {'stem': _random_conv(np.random.default_rng(seed), 3, 3, filters)}
+  return to_tflite(functools.partial(stem_forward, params), (1, resolution, resolution, 3))
 
 
 def head_tflite(in_filters: int, resolution: int, num_classes: int,
                 head_filters: int = models.HEAD_FILTERS, seed: int = 0) -> bytes:
   """The head as the model has it: 1x1 conv to 1280 + ReLU, global mean, classifier."""
   rng = np.random.default_rng(seed)
-  p = {'head': {'kernel': rng.normal(0, 0.1, (1, 1, in_filters, head_filters)).astype(np.float32),
-                'bias': rng.normal(0, 0.1, (head_filters,)).astype(np.float32)},
-       'classifier': {'kernel': rng.normal(0, 0.03, (head_filters, num_classes)).astype(np.float32),
-                      'bias': np.zeros((num_classes,), np.float32)}}
-  return to_tflite(functools.partial(head_forward, p), (1, resolution, resolution, in_filters))
+  classifier = _random_conv(rng, 1, head_filters, num_classes)
+  classifier['kernel'] = classifier['kernel'][0, 0]
+  params = {'head': _random_conv(rng, 1, in_filters, head_filters), 'classifier': classifier}
+  return to_tflite(functools.partial(head_forward, params), (1, resolution, resolution, in_filters))

@@ -1,0 +1,138 @@
+"""Validates a latency table against whole models timed end to end, and measures predict_batch.
+
+    python benchmarks/latency_table.py --table=litert_cpu_32.json [--fit_calibration]
+
+Random architectures of the table's search space (recorded in the table) plus the named models are
+exported whole to TFLite and timed on the same backend (litert, one thread, the table's warm-up and
+repeats); their times are compared with the table's predictions: mean absolute percentage error,
+worst error, Spearman rank correlation. Three predictions are reported: the plain sum of entries, the
+sum less the per-invoke overhead of all but one unit, and the calibrated one (table.py's formula).
+
+`--fit_calibration` first fits the calibration's scale and offset by least squares on
+`--num_fit` OTHER random architectures (seed `--seed + 1`), writes it into the table file, and then
+judges it on the validation set (seed `--seed`, plus the named models), none of which it saw.
+The last line printed is one JSON object.
+"""
+
+import json
+import os
+import sys
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+from scipy import stats  # noqa: E402
+
+from mnasnet_jax import models  # noqa: E402
+from mnasnet_jax import search_space as search_space_lib  # noqa: E402
+from mnasnet_jax.latency import export  # noqa: E402
+from mnasnet_jax.latency import profiler  # noqa: E402
+from mnasnet_jax.latency import table as table_lib  # noqa: E402
+
+_TABLE = flags.DEFINE_string('table', 'litert_cpu_32.json', 'Table file or shipped table name.')
+_NUM_RANDOM = flags.DEFINE_integer('num_random', 50, 'Random architectures to validate on.')
+_NUM_FIT = flags.DEFINE_integer('num_fit', 30, 'Other random architectures to fit calibration on.')
+_SEED = flags.DEFINE_integer('seed', 0, 'Validation sample seed; the fit sample uses seed + 1.')
+_FIT = flags.DEFINE_boolean('fit_calibration', False, 'Fit scale/offset and write them to the table.')
+_BATCH = flags.DEFINE_integer('batch', 100_000, 'Architectures for the predict_batch throughput.')
+
+
+def sample(space, num, seed):
+  rng = np.random.default_rng(seed)
+  tokens = np.stack([rng.integers(0, n, num) for n in space.choices], axis=1)
+  return [space.decode(t) for t in tokens]
+
+
+def measure(archs, table, backend, label):
+  times = []
+  start = time.time()
+  with tempfile.TemporaryDirectory() as tmp:
+    for i, arch in enumerate(archs):
+      path = export.export_tflite(arch, os.path.join(tmp, 'model.tflite'), table.resolution,
+                                  table.num_classes, seed=i)
+      with open(path, 'rb') as f:
+        times.append(backend.time(f.read(), 'model')['ms'])
+      print(f'{label}: {i + 1}/{len(archs)} timed, {time.time() - start:.0f} s', flush=True)
+  return np.asarray(times)
+
+
+def raw_sums(table, archs):
+  """(sum of entries, number of units) per architecture."""
+  result = []
+  for arch in archs:
+    units = table_lib.network_units(arch, table.resolution, table.num_classes)
+    result.append((sum(table.entry_ms(k) for k in units), len(units)))
+  return np.asarray(result)
+
+
+def errors(predicted, measured):
+  pct = np.abs(predicted - measured) / measured * 100
+  return {'mape_pct': float(pct.mean()), 'worst_pct': float(pct.max()),
+          'spearman': float(stats.spearmanr(predicted, measured).statistic)}
+
+
+def main(argv):
+  del argv
+  table = table_lib.LatencyTable.load(_TABLE.value)
+  space = search_space_lib.SearchSpace(ml_collections.ConfigDict(table.metadata['search_space']))
+  timing = table.metadata['timing']
+  backend = profiler.LiteRTBackend(timing['warmup'], timing['repeats'], timing['num_threads'])
+  report = {'table': table.path, 'resolution': table.resolution, 'num_classes': table.num_classes,
+            'entries': len(table), 'overhead_ms': table.overhead_ms}
+
+  if _FIT.value:
+    fit_archs = sample(space, _NUM_FIT.value, _SEED.value + 1)
+    fit_measured = measure(fit_archs, table, backend, 'fit')
+    sums, units = raw_sums(table, fit_archs).T
+    corrected = sums - (units - 1) * table.overhead_ms
+    scale, offset = np.polyfit(corrected, fit_measured, 1)
+    data = json.load(open(table.path))
+    data['calibration'].update(
+        scale=float(scale), offset_ms=float(offset),
+        note=(f'overhead_ms: median invoke of a one-add model; scale, offset_ms: least squares of '
+              f'whole-model time on (sum - (units - 1) * overhead_ms) over {len(fit_archs)} random '
+              f'architectures of the space (seed {_SEED.value + 1}), not the validation ones'))
+    with open(table.path, 'w') as f:
+      json.dump(data, f, indent=1)
+      f.write('\n')
+    table = table_lib.LatencyTable.load(table.path)
+    report['fit'] = {'num': len(fit_archs), 'scale': float(scale), 'offset_ms': float(offset)}
+
+  names = sorted(models.ARCHITECTURES)
+  random_archs = sample(space, _NUM_RANDOM.value, _SEED.value)
+  archs = random_archs + names
+  measured = measure(archs, table, backend, 'validate')
+  sums, units = raw_sums(table, archs).T
+  calibrated = np.asarray([table.predict(a) for a in archs])
+  report['validation'] = {
+      'num_random': len(random_archs), 'named': names,
+      'measured_ms_range': [float(measured.min()), float(measured.max())],
+      'plain_sum': errors(sums, measured),
+      'overhead_corrected': errors(sums - (units - 1) * table.overhead_ms, measured),
+      'calibrated': errors(calibrated, measured),
+      'named_models': {n: {'measured_ms': float(m), 'predicted_ms': float(p)}
+                       for n, m, p in zip(names, measured[-len(names):], calibrated[-len(names):])}}
+
+  batch = sample(space, _BATCH.value, _SEED.value + 2)
+  fresh = table_lib.LatencyTable.load(table.path)  # an empty block cache: the first pass fills it
+  start = time.perf_counter()
+  first = fresh.predict_batch(batch)
+  cold = time.perf_counter() - start
+  start = time.perf_counter()
+  second = fresh.predict_batch(batch)
+  warm = time.perf_counter() - start
+  exact = np.allclose(first[:200], [table.predict(a) for a in batch[:200]], rtol=1e-12)
+  report['predict_batch'] = {'archs': len(batch), 'per_second_cold_cache': len(batch) / cold,
+                             'per_second': len(batch) / warm, 'equals_predict': bool(exact),
+                             'same_twice': bool(np.array_equal(first, second))}
+  print(json.dumps(report))
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,272 @@
+import collections
+import functools
+import json
+import os
+import stat
+import sys
+import textwrap
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from configs.search import get_config as search_config
+from mnasnet_jax import blocks
+from mnasnet_jax import latency
+from mnasnet_jax import models
+from mnasnet_jax import search_space
+from mnasnet_jax.latency import export
+from mnasnet_jax.latency import profiler
+from mnasnet_jax.latency import table as table_lib
+
+# Every op the export can meet: no skip (e1), SE + pool skip with stride and projection, the repeat's
+# pool skip without either, a regular conv with SE whose identity skip cannot apply (24 -> 32), and a
+# strided pool skip at equal widths.
+ARCH = ['r1_k3_s11_e1_i32_o16_noskip', 'r2_k5_s22_e3_i16_o24_se0.25_poolskip',
+        'r1_k3_s11_e1_i24_o32_conv_se0.25', 'r1_k3_s22_e6_i32_o32_poolskip']
+
+
+def interpreter(content, delegate=True):
+  from ai_edge_litert.interpreter import Interpreter, OpResolverType
+  kwargs = {} if delegate else {
+      'experimental_op_resolver_type': OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES}
+  result = Interpreter(model_content=content, num_threads=1, **kwargs)
+  result.allocate_tensors()
+  return result
+
+
+def test_tflite_equals_jax_model(tmp_path):
+  model = models.create(ARCH, num_classes=10, depthwise='native', dtype='float32')
+  images = np.random.default_rng(0).normal(size=(1, 32, 32, 3)).astype(np.float32)
+  variables = export.random_variables(model, images.shape, seed=1)  # BN statistics far from 0/1
+  expected = np.asarray(jax.jit(model.apply, static_argnames='train')(variables, images, train=False))
+  path = latency.export_tflite(ARCH, tmp_path / 'model.tflite', resolution=32, num_classes=10,
+                               params=variables)
+  content = open(path, 'rb').read()
+  run = interpreter(content)
+  run.set_tensor(run.get_input_details()[0]['index'], images)
+  run.invoke()
+  got = run.get_tensor(run.get_output_details()[0]['index'])
+  assert got.shape == (1, 10)
+  np.testing.assert_allclose(got, expected, atol=2e-5 * np.abs(expected).max())
+  # BN folded: the graph holds exactly the convs counted by hand, no BN arithmetic. CONV_2D: stem 1,
+  # layer 1 (project) 1, layer 2 (expand, SE x2, project, shortcut) 5, layer 3 (expand, SE x2,
+  # project) 4, layer 4 (conv, SE x2) 3, layer 5 (expand, project) 2, head 1.
+  ops = collections.Counter(o['op_name'] for o in interpreter(content, False)._get_ops_details())
+  assert ops == {'CONV_2D': 17, 'DEPTHWISE_CONV_2D': 4, 'MEAN': 4, 'LOGISTIC': 3, 'MUL': 3,
+                 'ADD': 3, 'AVERAGE_POOL_2D': 2, 'FULLY_CONNECTED': 1}
+
+
+def test_profiled_layers_have_the_folded_flax_layers_shapes():
+  # The profiler draws folded parameters directly (no Flax init per layer): the same tree and shapes.
+  for spec in blocks.layers(ARCH, 32, 16):
+    module = models.MnasLayer(spec, functools.partial(nn.BatchNorm, epsilon=1e-3), 'native')
+    variables = export.random_variables(module, (1, 16, 16, spec.in_filters), train=False)
+    assert (jax.tree_util.tree_map(np.shape, export.fold_batchnorm(variables))
+            == jax.tree_util.tree_map(np.shape, export.random_layer_params(spec)))
+
+
+def test_layer_keys_normalise_what_does_not_change_compute():
+  def key(block, width=16, res=8):
+    return table_lib.layer_key(blocks.layers([block], width, res)[0])
+
+  # A strided or width-changing layer gets no identity residual: the same compute as `_noskip`.
+  assert key('r1_k3_s22_e6_i16_o24') == key('r1_k3_s22_e6_i16_o24_noskip')
+  assert key('r1_k3_s11_e6_i16_o24') == key('r1_k3_s11_e6_i16_o24_noskip')
+  # A pool skip with stride 1 and equal widths is the identity residual.
+  assert key('r1_k3_s11_e6_i16_o16_poolskip') == key('r1_k3_s11_e6_i16_o16')
+  assert key('r1_k3_s11_e6_i16_o16') == 'mbconv_k3_s1_e6_i16_o16_se0_add_r8'
+  assert key('r1_k5_s22_e3_i16_o24_se0.25_poolskip') == 'mbconv_k5_s2_e3_i16_o24_se4_poolprojadd_r8'
+  assert key('r1_k3_s11_e6_i16_o16') != key('r1_k3_s11_e6_i16_o16', res=16)
+  assert key('r1_k3_s11_e6_i16_o16') != key('r1_k3_s11_e6_i16_o16_se0.25')
+
+
+def synthetic_table(arch, resolution=32, num_classes=10, **calibration):
+  """Each unit of `arch` gets a distinct known latency: 1, 2, 4, ... ms (sums are unambiguous)."""
+  units = table_lib.network_units(arch, resolution, num_classes)
+  entries = {k: {'ms': float(2 ** i)} for i, k in enumerate(dict.fromkeys(units))}
+  return table_lib.LatencyTable(entries, resolution=resolution, num_classes=num_classes,
+                                backend='test', device={'name': 'test'}, calibration=calibration)
+
+
+def test_predict_is_stem_plus_layers_plus_head_with_calibration(tmp_path):
+  table = synthetic_table(ARCH)
+  # Units: stem, 5 layers (1 + 2 + 1 + 1), head: 7 distinct ones -> 1 + 2 + ... + 64.
+  assert table.predict(ARCH) == 127.0
+  calibrated = synthetic_table(ARCH, overhead_ms=0.5, scale=2.0, offset_ms=1.0)
+  assert calibrated.predict(ARCH) == 2.0 * (127.0 - 6 * 0.5) + 1.0
+  path = calibrated.save(tmp_path / 't.json')
+  loaded = latency.LatencyTable.load(path)
+  assert (loaded.resolution, loaded.num_classes, loaded.path) == (32, 10, path)
+  assert loaded.predict(ARCH) == calibrated.predict(ARCH)
+  np.testing.assert_array_equal(loaded.predict_batch([ARCH, ARCH]), [loaded.predict(ARCH)] * 2)
+
+
+def test_missing_layer_names_signature_and_path(tmp_path):
+  path = synthetic_table(ARCH).save(tmp_path / 'small.json')
+  table = latency.LatencyTable.load(path)
+  other = ARCH[:-1] + ['r1_k5_s22_e6_i32_o32_poolskip']
+  for predict in (table.predict, lambda a: table.predict_batch([a])):
+    with pytest.raises(KeyError, match=r'mbconv_k5_s2_e6_i32_o32_se0_pooladd_r8.*small\.json'):
+      predict(other)
+
+
+@pytest.mark.parametrize('content, why', [
+    ('{"format": "mnasnet_jax.latency_table", ', 'not valid JSON'),
+    ('[1, 2]', 'format'),
+    ('{"format": "mnasnet_jax.latency_table", "version": 1, "resolution": 32}', 'missing field'),
+    ('{"format": "mnasnet_jax.latency_table", "version": 1, "resolution": 32, "num_classes": 10, '
+     '"backend": "litert", "device": {}, "entries": {"stem_o32_r32": {"ms": -1}}}', 'stem_o32_r32'),
+])
+def test_corrupt_table_is_a_clear_error(tmp_path, content, why):
+  path = tmp_path / 'bad.json'
+  path.write_text(content)
+  with pytest.raises(ValueError, match=f'corrupt latency table {path}.*{why}'):
+    latency.LatencyTable.load(path)
+
+
+def tiny_profile_config(**changes):
+  """The default space with only the last block searched over two ops, at 16 px."""
+  space = search_config().search_space
+  space.searched_blocks = (6,)
+  space.conv_ops, space.kernels, space.se_ratios = ('sepconv', 'mbconv6'), (3,), (0.0,)
+  space.skip_ops, space.filter_multipliers, space.layer_deltas = ('identity',), (1.0,), (0,)
+  fields = dict(
+      job='profile_latency', search_space=space, architectures=(), resolution=16, num_classes=10,
+      table_name='tiny.json', backend='litert', warmup=1, repeats=3, num_threads=1,
+      log_every_seconds=0.0,
+      adb=dict(binary='adb', serial='', device_dir='/data/local/tmp/m', benchmark_binary='/bm',
+               cpu_mask='f0'))
+  fields.update(changes)
+  return ml_collections.ConfigDict(fields)
+
+
+def test_profiler_covers_the_space_resumes_and_predicts_sums(tmp_path, monkeypatch):
+  config = tiny_profile_config()
+  table = profiler.profile(config, str(tmp_path))
+  space = search_space.SearchSpace(config.search_space)
+  journal = tmp_path / 'tiny.journal.jsonl'
+  records = [json.loads(line) for line in journal.read_text().splitlines()]
+  entries = {r['key']: r['ms'] for r in records}
+  # Every distinct layer of the space, one stem, one head per reaching width, the overhead unit.
+  keys = {table_lib.layer_key(l) for l in space.distinct_layers(16)}
+  assert set(entries) == keys | {'stem_o32_r16', 'head_i320_r1_c10', profiler.OVERHEAD_KEY}
+  assert all(r['count'] == 3 and r['ms'] > 0 for r in records)
+  loaded = latency.LatencyTable.load(tmp_path / 'tiny.json')
+  assert loaded.metadata['timing']['repeats'] == 3 and loaded.device['num_threads'] == 1
+  assert loaded.metadata['versions']['litert-converter'] == '0.5.0'
+  for tokens in ([0] * 6, [1] + [0] * 5):
+    arch = space.decode(tokens)
+    layers = blocks.layers(arch, 32, 8)
+    by_hand = (entries['stem_o32_r16'] + sum(entries[table_lib.layer_key(l)] for l in layers)
+               + entries['head_i320_r1_c10'] - (len(layers) + 1) * entries[profiler.OVERHEAD_KEY])
+    assert loaded.predict(arch) == pytest.approx(by_hand, rel=1e-12)
+    assert table.predict(arch) == loaded.predict(arch)
+  # A second run finds everything in the journal: nothing is exported or timed again.
+  monkeypatch.setattr(export, 'to_tflite', lambda *a: pytest.fail('re-exported a finished unit'))
+  profiler.profile(config, str(tmp_path))
+  assert journal.read_text().count('\n') == len(records)
+
+
+def test_journal_ignores_a_torn_last_line_only(tmp_path):
+  path = tmp_path / 'j.jsonl'
+  path.write_text('{"key": "a", "ms": 1.0}\n{"key": "b", "ms"')
+  assert profiler.read_journal(str(path)) == {'a': {'ms': 1.0}}
+  path.write_text('{"key": "a", "ms"\n{"key": "b", "ms": 1.0}\n')
+  with pytest.raises(ValueError, match='corrupt journal.*line 1'):
+    profiler.read_journal(str(path))
+
+
+BENCHMARK_OUTPUT = """\
+STARTING!
+Graph: [/data/local/tmp/m/unit.tflite]
+The input model file size (MB): 0.01
+Initialized session in 3.1ms.
+Running benchmark for at least 2 iterations and at least 0 seconds but terminate if exceeding 150 seconds.
+count=2 first=900 curr=700 min=700 max=900 avg=800 std=100
+Running benchmark for at least 5 iterations and at least 0 seconds but terminate if exceeding 150 seconds.
+count=5 first=610 curr=590 min=580 max=620 avg=600.5 std=14
+Inference timings in us: Init: 3100, First inference: 900, Warmup (avg): 800, Inference (avg): 600.5
+"""
+
+
+def fake_adb(tmp_path, monkeypatch):
+  """A stand-in `adb` on PATH: logs its arguments, keeps pushed files, answers like a phone."""
+  log, phone = tmp_path / 'adb.log', tmp_path / 'phone'
+  phone.mkdir()
+  script = tmp_path / 'bin' / 'adb'
+  script.parent.mkdir()
+  script.write_text(textwrap.dedent(f"""\
+      #!{sys.executable}
+      import json, shutil, sys
+      args = sys.argv[1:]
+      open({str(log)!r}, 'a').write(json.dumps(args) + '\\n')
+      if args[:2] == ['-s', 'PHONE1']:
+        args = args[2:]
+      if args[0] == 'push':
+        shutil.copy(args[1], {str(phone)!r} + '/' + args[2].rsplit('/', 1)[1])
+      elif args[0] == 'shell' and args[1].startswith('getprop'):
+        print({{'ro.product.manufacturer': 'Google', 'ro.product.model': 'Pixel 1'}}.get(
+            args[1].split()[1], 'x'))
+      elif args[0] == 'shell' and '--graph=' in args[1]:
+        sys.stdout.write({BENCHMARK_OUTPUT!r})
+      """))
+  script.chmod(script.stat().st_mode | stat.S_IEXEC)
+  monkeypatch.setenv('PATH', f'{script.parent}{os.pathsep}{os.environ["PATH"]}')
+  return log, phone
+
+
+def test_adb_backend_pushes_pins_and_parses(tmp_path, monkeypatch):
+  log, phone = fake_adb(tmp_path, monkeypatch)
+  backend = profiler.AdbBackend(warmup=2, repeats=5, serial='PHONE1', device_dir='/data/local/tmp/m',
+                                benchmark_binary='/data/local/tmp/benchmark_model', cpu_mask='f0')
+  content = export.stem_tflite(8, 16)
+  entry = backend.time(content, 'unit')
+  assert entry == {'ms': 0.6005, 'mean_ms': 0.6005, 'std_ms': 0.014, 'min_ms': 0.58, 'count': 5}
+  assert (phone / 'unit.tflite').read_bytes() == content  # the model reached the phone intact
+  calls = [json.loads(line) for line in log.read_text().splitlines()]
+  assert all(c[:2] == ['-s', 'PHONE1'] for c in calls)
+  assert calls[1][2] == 'push' and calls[1][4] == '/data/local/tmp/m/unit.tflite'
+  bench = calls[2][3].split()
+  assert bench[:3] == ['taskset', 'f0', '/data/local/tmp/benchmark_model']
+  assert {'--graph=/data/local/tmp/m/unit.tflite', '--num_threads=1', '--warmup_runs=2',
+          '--num_runs=5'} <= set(bench)
+  assert calls[3][2:] == ['shell', 'rm -f /data/local/tmp/m/unit.tflite']
+  assert backend.device()['name'] == 'Google Pixel 1'
+
+
+def test_adb_profile_job_and_failures(tmp_path, monkeypatch):
+  fake_adb(tmp_path, monkeypatch)
+  config = tiny_profile_config(backend='adb', search_space=None,
+                               architectures=('r1_k3_s11_e1_i32_o16_noskip,r1_k3_s22_e3_i16_o24',))
+  table = profiler.profile(config, str(tmp_path / 'work'))
+  assert len(table) == 4 and table.device['model'] == 'Pixel 1'
+  assert table.metadata['timing']['statistic'] == 'mean'
+  arch = config.architectures[0]
+  assert table.predict(arch) == pytest.approx(4 * 0.6005 - 3 * 0.6005)
+  with pytest.raises(ValueError, match='no timing line'):
+    profiler.parse_benchmark_model('error: could not open graph')
+  monkeypatch.setenv('PATH', str(tmp_path / 'nowhere'))
+  with pytest.raises(RuntimeError, match="adb executable 'adb' not found"):
+    profiler.AdbBackend(1, 1).time(b'', 'x')
+
+
+@pytest.mark.parametrize('name, arg', [('litert_cpu_32.json', 'local'), ('litert_cpu_224.json', None)])
+def test_shipped_tables_cover_the_space_and_named_models(name, arg):
+  try:
+    table = latency.LatencyTable.load(name)
+  except FileNotFoundError:
+    pytest.skip(f'{name} not profiled yet')
+  space = search_space.SearchSpace(search_config(arg).search_space)
+  assert (table.resolution, table.num_classes) == ((32, 10) if arg else (224, 1000))
+  missing = {table_lib.layer_key(l) for l in space.distinct_layers(table.resolution)} - set(
+      table.entries)
+  assert not missing
+  for arch in models.ARCHITECTURES:
+    assert table.predict(arch) > 0
+  rng = np.random.default_rng(0)
+  archs = [space.decode([rng.integers(c) for c in space.choices]) for _ in range(100)]
+  np.testing.assert_allclose(table.predict_batch(archs), [table.predict(a) for a in archs],
+                             rtol=1e-12)

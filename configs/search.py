@@ -90,5 +90,9 @@ def get_config(arg=None):
   config.controller = controller_config()
   config.reward = reward_config()
   config.search = search_loop_config(local=arg == 'local')
+  # The latency lookup table (mnasnet_jax/latency): a shipped table's name or a path; its resolution
+  # and classes must be the children's. Profile another with configs/profile_latency.py.
+  config.latency = ml_collections.ConfigDict()
+  config.latency.table = 'litert_cpu_32.json' if arg == 'local' else 'litert_cpu_224.json'
   # SECTION latency / data / proxy / search: filled in by the latency, training and search work.
   return config

@@ -112,21 +112,65 @@ def depthwise_native(x, kernel, stride: int):
       feature_group_count=x.shape[-1])
 
 
-def depthwise_shifted(x, kernel, stride: int):
-  """The same convolution as k*k strided slices times per-channel weights: fast on XLA:CPU."""
-  n, h, w, c = x.shape
+def _windows(padded, kernel_size: int, stride: int, out_h: int, out_w: int):
+  """The k*k strided views of `padded` that each kernel tap multiplies, row-major."""
+  n, _, _, c = padded.shape
+  return [lax.slice(padded, (0, i, j, 0),
+                    (n, i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1, c),
+                    (1, stride, stride, 1))
+          for i in range(kernel_size) for j in range(kernel_size)]
+
+
+def _shifted_sum(padded, kernel, stride: int, out_h: int, out_w: int):
   k = kernel.shape[0]
-  padded = jnp.pad(x, ((0, 0), _same_padding(h, k, stride), _same_padding(w, k, stride), (0, 0)))
-  out_h, out_w = blocks_lib.same_output_size(h, stride), blocks_lib.same_output_size(w, stride)
+  taps = kernel.reshape(k * k, -1)
   out = None
-  for i in range(k):
-    for j in range(k):
-      window = lax.slice(padded, (0, i, j, 0),
-                         (n, i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1, c),
-                         (1, stride, stride, 1))
-      term = window * kernel[i, j, 0]
-      out = term if out is None else out + term
+  for t, window in enumerate(_windows(padded, k, stride, out_h, out_w)):
+    out = window * taps[t] if out is None else out + window * taps[t]
   return out
+
+
+def _pad_same(x, kernel_size: int, stride: int):
+  pads = [_same_padding(size, kernel_size, stride) for size in x.shape[1:3]]
+  return jnp.pad(x, ((0, 0), *pads, (0, 0))), pads
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def depthwise_shifted(x, kernel, stride: int):
+  """The same convolution as k*k strided slices times per-channel weights: fast on XLA:CPU.
+
+  Its gradient is written by hand as the same kind of shifted sums (XLA's own transpose of the
+  strided slices compiles slowly and runs no faster).
+  """
+  padded, _ = _pad_same(x, kernel.shape[0], stride)
+  out_h, out_w = (blocks_lib.same_output_size(s, stride) for s in x.shape[1:3])
+  return _shifted_sum(padded, kernel, stride, out_h, out_w)
+
+
+def _depthwise_shifted_fwd(x, kernel, stride):
+  return depthwise_shifted(x, kernel, stride), (x, kernel)
+
+
+def _depthwise_shifted_bwd(stride, residuals, grad):
+  x, kernel = residuals
+  k = kernel.shape[0]
+  padded, ((top, _), (left, _)) = _pad_same(x, k, stride)
+  out_h, out_w = grad.shape[1:3]
+  windows = _windows(padded, k, stride, out_h, out_w)
+  grad_kernel = jnp.stack([jnp.sum(w * grad, axis=(0, 1, 2)) for w in windows])
+  # The input gradient is a full correlation of the stride-dilated output gradient with the
+  # flipped kernel, over the padded input's extent, cropped back to the unpadded input.
+  dilated = lax.pad(grad, jnp.zeros((), grad.dtype),
+                    ((0, 0, 0), (k - 1, k - 1, stride - 1), (k - 1, k - 1, stride - 1), (0, 0, 0)))
+  reach_h, reach_w = (out_h - 1) * stride + k, (out_w - 1) * stride + k
+  grad_padded = _shifted_sum(dilated, kernel[::-1, ::-1], 1, reach_h, reach_w)
+  grad_padded = jnp.pad(grad_padded, ((0, 0), (0, max(padded.shape[1] - reach_h, 0)),
+                                      (0, max(padded.shape[2] - reach_w, 0)), (0, 0)))
+  grad_x = grad_padded[:, top:top + x.shape[1], left:left + x.shape[2], :]
+  return grad_x, grad_kernel.reshape(kernel.shape).astype(kernel.dtype)
+
+
+depthwise_shifted.defvjp(_depthwise_shifted_fwd, _depthwise_shifted_bwd)
 
 
 DEPTHWISE = {'native': depthwise_native, 'shifted': depthwise_shifted}
@@ -324,3 +368,12 @@ def summary(arch: ArchLike, depth_multiplier: float = 1.0, resolution: int = 224
 
 def count_params(params) -> int:
   return int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))
+
+
+def print_summary_table(config, workdir=None):
+  """The `summary` job: parameters and multiply-adds of the configured architectures."""
+  del workdir
+  print(f'{"architecture":<16}{"params":>12}{"mult-adds":>14}')
+  for arch in config.architectures:
+    s = summary(arch, config.depth_multiplier, config.resolution, config.num_classes)
+    print(f'{arch:<16}{s["params"]:>12,}{s["macs"] / 1e6:>13.1f}M')

@@ -42,6 +42,7 @@ def controller_config():
   controller.ppo.minibatch_size = 16
   controller.ppo.entropy_weight = 1e-4
   controller.ppo.baseline_decay = 0.9
+  controller.ppo.normalize_advantages = False
   controller.ppo.temperature = 1.0
   # Regularised evolution (Real et al. 2019).
   controller.evolution = ml_collections.ConfigDict()
@@ -79,6 +80,7 @@ def search_loop_config(local: bool):
   search.train_config = 'configs/train.py:local' if local else 'configs/train.py'
   # JAX's persistent compilation cache under the workdir (every child is a new program).
   search.compilation_cache = True
+  search.compilation_cache_dir = ml_collections.config_dict.placeholder(str)  # None: WORKDIR/jax_cache
   search.cache_min_compile_seconds = 0.5
   return search
 

@@ -1,0 +1,334 @@
+"""The MnasNet search (paper section 4): sample children, proxy-train each, reward, update the policy.
+
+The controller step is the unit of work and of resumption. Step s asks the strategy for
+`children_per_step` children from the state checkpointed after step s-1, evaluates each (accuracy
+from proxy training, latency from the lookup table, never measured on a device), tells the strategy
+their rewards and checkpoints the new state with Orbax as step s+1. Each child reaches
+`history.jsonl` the moment it is evaluated. A search killed at any moment and started again with the
+same command restores the last checkpoint, asks again (the strategy's randomness lives in its state,
+so it samples the same children), reuses the results the history already holds for that step and
+evaluates only the rest: nothing recorded is lost or recorded twice, and the sequence of children is
+that of an uninterrupted run.
+
+Across hosts every process runs this same loop. The children of a step that still need evaluating are
+dealt out round-robin; each process trains its share on its own local devices; the outcomes are
+gathered with `process_allgather`, so every process tells its strategy the identical rewards and the
+states stay identical. Process 0 alone writes the history, the report and the metrics; all processes
+take part in Orbax's checkpointing, as Orbax requires.
+
+The target latency T (`config.reward.target_ms`) defaults to the table's latency of mobilenet_v2: the
+paper's T = 75 ms is MobileNetV2's latency on its Pixel 1, so the default keeps the paper's meaning on
+whatever device the table was profiled on.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+from absl import logging
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
+import orbax.checkpoint as ocp
+
+from mnasnet_jax import controller
+from mnasnet_jax import history as history_lib
+from mnasnet_jax import input_pipeline
+from mnasnet_jax import latency
+from mnasnet_jax import models
+from mnasnet_jax import pareto
+from mnasnet_jax import reward as reward_lib
+from mnasnet_jax import search_space
+from mnasnet_jax import train
+
+STATUS_CODES = {'ok': 0, 'failed': 1}
+REASON_BYTES = 240  # failure reasons travel between processes as fixed-size byte arrays
+
+
+def target_latency(reward_config, table) -> float:
+  """T in ms: the configured value, or (None) the table's latency of mobilenet_v2."""
+  if reward_config.target_ms is not None:
+    if reward_config.target_ms <= 0:
+      raise ValueError(f'config.reward.target_ms = {reward_config.target_ms}: expected a positive '
+                       'latency in milliseconds, or None for the table\'s mobilenet_v2')
+    return float(reward_config.target_ms)
+  return float(table.predict('mobilenet_v2'))
+
+
+def enable_compilation_cache(search_config, workdir: str) -> None:
+  """Every child is a new program; the cache spares recompiling on resume and repeated children.
+
+  The cache lives in `config.search.compilation_cache_dir`, by default `WORKDIR/jax_cache`. It is
+  (re)initialised here, so it takes effect even if this process has compiled before.
+  """
+  if not search_config.compilation_cache:
+    return
+  from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
+  jax.config.update('jax_compilation_cache_dir',
+                    search_config.compilation_cache_dir or os.path.join(workdir, 'jax_cache'))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs',
+                    search_config.cache_min_compile_seconds)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+  compilation_cache.reset_cache()
+
+
+def _float32(x) -> float:
+  """Values that cross processes as float32: recorded as such so every process agrees exactly."""
+  return float(np.float32(x))
+
+
+class Search:
+  """One search in one workdir; `run()` goes from wherever the workdir stands to the end."""
+
+  def __init__(self, config, workdir: str, data):
+    self.config = config
+    self.search = config.search
+    self.workdir = workdir
+    self.data = data
+    self.space = search_space.SearchSpace(config.search_space)
+    self.table = latency.LatencyTable.load(config.latency.table)
+    if (self.table.resolution, self.table.num_classes) != (data.image_size, data.num_classes):
+      raise ValueError(
+          f'latency table {self.table.path} was profiled at {self.table.resolution} px with '
+          f'{self.table.num_classes} classes, but the proxy data has {data.image_size} px and '
+          f'{data.num_classes} classes: set config.latency.table to a table of the same resolution')
+    self.target_ms = target_latency(config.reward, self.table)
+    self.strategy = controller.create(config.controller, self.space.choices)
+    self.process_index = jax.process_index()
+    self.process_count = jax.process_count()
+    self.is_writer = self.process_index == 0
+    if self.search.children_per_step < 1 or self.search.num_children < 1:
+      raise ValueError(f'config.search.children_per_step = {self.search.children_per_step} and '
+                       f'num_children = {self.search.num_children}: both must be at least 1')
+    self.num_steps = math.ceil(self.search.num_children / self.search.children_per_step)
+    self.history = history_lib.History(os.path.join(workdir, 'history.jsonl'),
+                                       writable=self.is_writer)
+    self.checkpoints = ocp.CheckpointManager(
+        os.path.join(os.path.abspath(workdir), 'checkpoints'),
+        options=ocp.CheckpointManagerOptions(max_to_keep=self.search.keep_checkpoints,
+                                             enable_async_checkpointing=False))
+    self.consecutive_failures = 0
+    self.best_reward = -math.inf
+
+  # --- one child ------------------------------------------------------------------------------
+
+  def architecture(self, blocks) -> models.Architecture:
+    return models.Architecture(tuple(blocks), stem_filters=self.space.stem_filters)
+
+  def describe(self, trial: int, step: int, tokens) -> dict:
+    """What every process can say about a child without training it."""
+    blocks = self.space.decode(tokens)
+    arch = self.architecture(blocks)
+    size = models.summary(arch, resolution=self.data.image_size, num_classes=self.data.num_classes)
+    return {'trial': trial, 'step': step, 'tokens': [int(t) for t in tokens], 'blocks': blocks,
+            'latency_ms': float(self.table.predict(arch)), 'params': size['params'],
+            'macs': size['macs']}
+
+  def train_child(self, child: dict) -> dict:
+    """Proxy-trains one child; a failure is an outcome to record, not the end of the search."""
+    start = time.time()
+    outcome = {'status': 'ok', 'reason': None, 'accuracy': None, 'compile_seconds': None,
+               'train_seconds': None}
+    try:
+      result = train.proxy_train(self.config.proxy, self.architecture(child['blocks']), self.data,
+                                 seed=self.search.train_seed + child['trial'],
+                                 devices=jax.local_devices())
+      outcome.update(accuracy=_float32(result['accuracy']),
+                     compile_seconds=float(result['compile_seconds']),
+                     train_seconds=float(result['train_seconds']))
+    except train.TrainingDiverged as e:
+      outcome.update(status='failed', reason=f'TrainingDiverged: {e}')
+    except Exception as e:  # pylint: disable=broad-except
+      logging.exception('trial %d failed', child['trial'])
+      outcome.update(status='failed', reason=f'{type(e).__name__}: {e}')
+    outcome['eval_seconds'] = time.time() - start
+    return outcome
+
+  def finish(self, child: dict, outcome: dict, process: int) -> dict:
+    record = dict(child, **outcome, process=process)
+    if record['status'] == 'ok':
+      record['reward'] = _float32(reward_lib.compute(self.config.reward, record['accuracy'],
+                                                     record['latency_ms'], self.target_ms))
+    else:
+      record['reward'] = _float32(self.search.failure_reward)
+    return record
+
+  # --- one controller step --------------------------------------------------------------------
+
+  def recorded(self, step: int, children: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """(already recorded?, their rewards) for the step's children, as process 0's history says."""
+    n = len(children)
+    known = np.zeros(n, np.int32)
+    rewards = np.zeros(n, np.float32)
+    mismatch = np.zeros(n, np.int32)
+    for record in self.history.step_records(step):
+      c = record['trial'] - children[0]['trial']
+      if not 0 <= c < n:
+        continue
+      if record['tokens'] != children[c]['tokens']:
+        mismatch[c] = 1
+      known[c], rewards[c] = 1, record['reward']
+    if self.process_count > 1:
+      known, rewards, mismatch = multihost_utils.broadcast_one_to_all((known, rewards, mismatch))
+    if np.any(mismatch):
+      c = int(np.argmax(mismatch))
+      raise history_lib.HistoryError(
+          f'{self.history.path}: trial {children[c]["trial"]} of step {step} was recorded with other '
+          f'tokens than the strategy, resumed from its checkpoint, samples now '
+          f'({children[c]["tokens"]}): this workdir holds another search (other config or seed); '
+          'use a new --workdir')
+    return known.astype(bool), np.asarray(rewards, np.float32)
+
+  def evaluate_step(self, step: int, tokens: np.ndarray) -> np.ndarray:
+    """Rewards of the step's children, each evaluated once across all processes and recorded."""
+    first = step * self.search.children_per_step
+    children = [self.describe(first + c, step, t) for c, t in enumerate(tokens)]
+    known, rewards = self.recorded(step, children)
+    todo = [c for c in range(len(children)) if not known[c]]
+    if len(todo) < len(children):
+      logging.info('step %d: %d children already in the history, %d to evaluate', step,
+                   len(children) - len(todo), len(todo))
+    mine = todo[self.process_index::self.process_count]
+    n = len(children)
+    accuracy = np.full(n, np.nan, np.float32)
+    status = np.full(n, -1, np.int32)
+    seconds = np.zeros((n, 3), np.float32)  # eval, compile, train
+    reasons = np.zeros((n, REASON_BYTES), np.uint8)
+    for c in mine:
+      outcome = self.train_child(children[c])
+      record = self.finish(children[c], outcome, self.process_index)
+      self.log_child(record)
+      self.history.append(record)  # on disk at once on process 0, in memory elsewhere
+      rewards[c] = record['reward']
+      accuracy[c] = np.nan if outcome['accuracy'] is None else outcome['accuracy']
+      status[c] = STATUS_CODES[outcome['status']]
+      seconds[c] = [outcome[k] or 0.0 for k in ('eval_seconds', 'compile_seconds',
+                                                 'train_seconds')]
+      reason = (outcome['reason'] or '').encode('utf-8')[:REASON_BYTES]
+      reasons[c, :len(reason)] = np.frombuffer(reason, np.uint8)
+      self.count_failure(outcome)
+    if self.process_count > 1:
+      self.gather(children, todo, rewards, accuracy, status, seconds, reasons)
+    return rewards
+
+  def gather(self, children, todo, rewards, accuracy, status, seconds, reasons):
+    """Every process learns every outcome; process 0 records the children others trained."""
+    g_rewards, g_accuracy, g_status, g_seconds, g_reasons = multihost_utils.process_allgather(
+        (rewards, accuracy, status, seconds, reasons))
+    names = {v: k for k, v in STATUS_CODES.items()}
+    for i, c in enumerate(todo):
+      owner = i % self.process_count
+      rewards[c] = g_rewards[owner, c]
+      if owner == self.process_index:
+        continue
+      reason = bytes(g_reasons[owner, c]).rstrip(b'\0').decode('utf-8', 'replace') or None
+      acc = float(g_accuracy[owner, c])
+      outcome = {'status': names[int(g_status[owner, c])], 'reason': reason,
+                 'accuracy': None if math.isnan(acc) else acc,
+                 'eval_seconds': float(g_seconds[owner, c, 0]),
+                 'compile_seconds': float(g_seconds[owner, c, 1]) or None,
+                 'train_seconds': float(g_seconds[owner, c, 2]) or None}
+      record = dict(children[c], **outcome, reward=float(g_rewards[owner, c]), process=owner)
+      self.history.append(record)
+      if self.is_writer:
+        self.log_child(record)
+
+  def count_failure(self, outcome: dict) -> None:
+    if outcome['status'] == 'ok':
+      self.consecutive_failures = 0
+      return
+    self.consecutive_failures += 1
+    limit = self.search.max_consecutive_failures
+    if limit and self.consecutive_failures >= limit:
+      raise RuntimeError(
+          f'{self.consecutive_failures} children failed in a row (last: {outcome["reason"]}); '
+          'this looks like a broken setup rather than bad architectures. Every recorded child is '
+          'kept: fix the cause and run the same command again to resume.')
+
+  def log_child(self, r: dict) -> None:
+    if r['status'] == 'ok':
+      logging.info('trial %d (step %d): accuracy %.4f, latency %.3f ms, reward %.4f, %.1f s',
+                   r['trial'], r['step'], r['accuracy'], r['latency_ms'], r['reward'],
+                   r['eval_seconds'])
+    else:
+      logging.warning('trial %d (step %d) failed: %s', r['trial'], r['step'], r['reason'])
+
+  # --- the loop ---------------------------------------------------------------------------------
+
+  def restore(self):
+    """(state, first step to run): the latest checkpoint, or a fresh strategy state."""
+    fresh = jax.device_get(self.strategy.init(self.search.seed))
+    step = self.checkpoints.latest_step()
+    if step is None:
+      return fresh, 0
+    state = self.checkpoints.restore(step, args=ocp.args.StandardRestore(fresh))
+    logging.info('resumed from the checkpoint after controller step %d (%d children recorded)',
+                 step, len(self.history))
+    return jax.device_get(state), step
+
+  def report(self) -> None:
+    if not self.is_writer:
+      return
+    c = self.config
+    description = (f'MnasNet search: {c.data.dataset} {self.data.image_size} px, '
+                   f'{os.path.basename(self.table.path)}, {c.reward.kind} reward, '
+                   f'{c.controller.strategy}')
+    pareto.write_report(self.history.records, self.workdir, target_ms=self.target_ms,
+                        top_k=self.search.report_top_k, train_config=self.search.train_config,
+                        description=description)
+
+  def run(self):
+    """Runs the remaining steps; returns the strategy's final state."""
+    from clu import metric_writers  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
+    writer = metric_writers.create_default_writer(self.workdir, just_logging=not self.is_writer)
+    state, start = self.restore()
+    logging.info('search: %d steps of %d children (%d to go), T = %.3f ms from %s, %d processes',
+                 self.num_steps, self.search.children_per_step, self.num_steps - start,
+                 self.target_ms, self.table.path, self.process_count)
+    rewards_so_far = [r['reward'] for r in self.history.records if r['step'] < start]
+    self.best_reward = max(rewards_so_far, default=-math.inf)
+    began = time.time()
+    for step in range(start, self.num_steps):
+      tokens, state = self.strategy.ask(state, self.search.children_per_step)
+      rewards = self.evaluate_step(step, np.asarray(tokens))
+      state, metrics = self.strategy.tell(state, tokens, rewards)
+      state = jax.device_get(state)
+      self.checkpoints.save(step + 1, args=ocp.args.StandardSave(state))
+      self.best_reward = max(self.best_reward, float(np.max(rewards)))
+      scalars = {k: float(v) for k, v in metrics.items()}
+      scalars.update(best_reward=self.best_reward, step_max_reward=float(np.max(rewards)))
+      step_records = self.history.step_records(step)
+      ok = [r for r in step_records if r['status'] == 'ok']
+      if ok:
+        scalars.update(mean_accuracy=float(np.mean([r['accuracy'] for r in ok])),
+                       mean_latency_ms=float(np.mean([r['latency_ms'] for r in ok])))
+      scalars['failed_children'] = float(len(step_records) - len(ok))
+      writer.write_scalars(step + 1, scalars)
+      done = step + 1 - start
+      eta = (time.time() - began) / done * (self.num_steps - step - 1)
+      logging.info('step %d/%d: mean reward %.4f, best %.4f; ETA %.0f s', step + 1, self.num_steps,
+                   float(np.mean(rewards)), self.best_reward, eta)
+      if self.search.report_every_steps and (step + 1) % self.search.report_every_steps == 0:
+        self.report()
+    writer.flush()
+    self.checkpoints.wait_until_finished()
+    self.report()
+    if self.is_writer:
+      logging.info('search done: %d children in %s; report in %s/best.md', len(self.history),
+                   self.history.path, self.workdir)
+    return state
+
+
+def run(config, workdir: str):
+  """The 'search' job. The dataset is checked first, so a missing one fails before any work."""
+  if not workdir:
+    raise SystemExit('error: the search needs --workdir=DIR (history, checkpoints and report)')
+  try:
+    data = input_pipeline.create_proxy_data(config.data, process_index=0, process_count=1)
+  except input_pipeline.DatasetMissingError as e:
+    raise SystemExit(f'error: {e}') from None
+  os.makedirs(workdir, exist_ok=True)
+  enable_compilation_cache(config.search, workdir)
+  return Search(config, workdir, data).run()

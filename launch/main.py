@@ -6,6 +6,7 @@ same command; `jax.distributed` starts first (by itself on Cloud TPU, from the f
 
 import importlib
 import os
+import re
 import sys
 
 from absl import app
@@ -44,10 +45,13 @@ def parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except (AttributeError, KeyError) as e:
-    key = str(e).strip('"\'')
+    message = str(e).encode().decode('unicode_escape')
+    key = re.search(r"'([^'\\]+)", message).group(1) if "'" in message else message
+    hint = re.search(r'Did you mean "([^"]+)"', message)
     override = next((a for a in argv if a.startswith('--config.') and f'.{key}' in a), key)
-    sys.exit(f'error: {override}: the config has no key {key!r}; '
-             'see the config file for the keys it defines')
+    sys.exit(f'error: {override}: the config has no key {key!r}'
+             + (f' (did you mean {hint.group(1)!r}?)' if hint else '')
+             + '; see the config file for the keys it defines')
 
 
 def main(argv):

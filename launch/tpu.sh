@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Cloud TPU VM (single host or pod slice) life cycle for mnasnet_jax.
+#
+#   launch/tpu.sh create                 # make the TPU VM
+#   launch/tpu.sh setup                  # copy this checkout to every worker and install it
+#   launch/tpu.sh run [--config.X=Y ...] # start the job on all workers (same command everywhere)
+#   launch/tpu.sh logs [WORKER]          # follow a worker's log (default 0, the one that writes)
+#   launch/tpu.sh stop                   # stop the job on all workers (it resumes when run again)
+#   launch/tpu.sh delete                 # delete the TPU VM
+#
+# Settings come from the environment: TPU_NAME, ZONE, ACCELERATOR_TYPE (v4-8 is one host, v4-32 a
+# pod slice of 4), RUNTIME_VERSION, CONFIG (default configs/search.py), WORKDIR (a gs:// path that
+# every worker can reach), and GCLOUD (the gcloud binary). On Cloud TPU, jax.distributed finds the
+# other workers by itself: no coordinator flags are needed.
+set -euo pipefail
+
+TPU_NAME=${TPU_NAME:?set TPU_NAME}
+ZONE=${ZONE:?set ZONE, e.g. us-central2-b}
+ACCELERATOR_TYPE=${ACCELERATOR_TYPE:-v4-32}
+RUNTIME_VERSION=${RUNTIME_VERSION:-tpu-ubuntu2204-base}
+CONFIG=${CONFIG:-configs/search.py}
+GCLOUD=${GCLOUD:-gcloud}
+REMOTE_DIR=mnasnet_jax
+LOG=mnasnet_jax.log
+
+tpu() { "$GCLOUD" compute tpus tpu-vm "$@" --zone="$ZONE"; }
+on_workers() { tpu ssh "$TPU_NAME" --worker="$1" --command="$2"; }
+
+command=${1:-}
+shift || true
+case "$command" in
+  create)
+    tpu create "$TPU_NAME" --accelerator-type="$ACCELERATOR_TYPE" --version="$RUNTIME_VERSION" ;;
+  setup)
+    here=$(cd "$(dirname "$0")/.." && pwd)
+    tpu scp --recurse "$here" "$TPU_NAME:~/$REMOTE_DIR" --worker=all
+    on_workers all "cd ~/$REMOTE_DIR && pip install -r requirements.txt 'jax[tpu]==0.10.2' && pip install -e . --no-deps" ;;
+  run)
+    WORKDIR=${WORKDIR:?set WORKDIR to a gs:// path all workers share}
+    on_workers all "cd ~/$REMOTE_DIR && nohup python3 launch/main.py --config=$CONFIG --workdir=$WORKDIR $* > ~/$LOG 2>&1 &" ;;
+  logs)
+    on_workers "${1:-0}" "tail -n 100 -f ~/$LOG" ;;
+  stop)
+    on_workers all "pkill -f launch/main.py || true" ;;
+  delete)
+    tpu delete "$TPU_NAME" --quiet ;;
+  *)
+    echo "usage: $0 {create|setup|run [--config.X=Y ...]|logs [WORKER]|stop|delete}" >&2
+    exit 2 ;;
+esac

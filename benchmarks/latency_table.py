@@ -40,7 +40,9 @@ _NUM_RANDOM = flags.DEFINE_integer('num_random', 50, 'Random architectures to va
 _NUM_FIT = flags.DEFINE_integer('num_fit', 30, 'Other random architectures to fit calibration on.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Validation sample seed; the fit sample uses seed + 1.')
 _FIT = flags.DEFINE_boolean('fit_calibration', False, 'Fit scale/offset and write them to the table.')
-_BATCH = flags.DEFINE_integer('batch', 100_000, 'Architectures for the predict_batch throughput.')
+_BATCH = flags.DEFINE_integer('batch', 100_000, 'Architectures for the throughput measurements.')
+_MEASURED = flags.DEFINE_string('measured', None, 'JSON file of end-to-end times to reuse and extend '
+                                '(architecture -> ms), so a refit needs no re-timing.')
 
 
 def sample(space, num, seed):
@@ -50,25 +52,30 @@ def sample(space, num, seed):
 
 
 def measure(archs, table, backend, label):
+  cache = {}
+  if _MEASURED.value and os.path.exists(_MEASURED.value):
+    cache = json.load(open(_MEASURED.value))
   times = []
   start = time.time()
   with tempfile.TemporaryDirectory() as tmp:
     for i, arch in enumerate(archs):
-      path = export.export_tflite(arch, os.path.join(tmp, 'model.tflite'), table.resolution,
-                                  table.num_classes, seed=i)
-      with open(path, 'rb') as f:
-        times.append(backend.time(f.read(), 'model')['ms'])
+      name = arch if isinstance(arch, str) else ','.join(arch)
+      if name not in cache:
+        path = export.export_tflite(arch, os.path.join(tmp, 'model.tflite'), table.resolution,
+                                    table.num_classes, seed=i)
+        with open(path, 'rb') as f:
+          cache[name] = backend.time(f.read(), 'model')['ms']
+        if _MEASURED.value:
+          with open(_MEASURED.value, 'w') as f:
+            json.dump(cache, f)
+      times.append(cache[name])
       print(f'{label}: {i + 1}/{len(archs)} timed, {time.time() - start:.0f} s', flush=True)
   return np.asarray(times)
 
 
 def raw_sums(table, archs):
-  """(sum of entries, number of units) per architecture."""
-  result = []
-  for arch in archs:
-    units = table_lib.network_units(arch, table.resolution, table.num_classes)
-    result.append((sum(table.entry_ms(k) for k in units), len(units)))
-  return np.asarray(result)
+  """(sum of entries, number of units, parameters) per architecture."""
+  return np.asarray([table.sums(arch) for arch in archs], np.float64)
 
 
 def errors(predicted, measured):
@@ -89,26 +96,29 @@ def main(argv):
   if _FIT.value:
     fit_archs = sample(space, _NUM_FIT.value, _SEED.value + 1)
     fit_measured = measure(fit_archs, table, backend, 'fit')
-    sums, units = raw_sums(table, fit_archs).T
+    sums, units, params = raw_sums(table, fit_archs).T
     corrected = sums - (units - 1) * table.overhead_ms
-    scale, offset = np.polyfit(corrected, fit_measured, 1)
+    design = np.stack([corrected, params / 1e6, np.ones_like(corrected)], axis=1)
+    (scale, per_mparam, offset), *_ = np.linalg.lstsq(design, fit_measured, rcond=None)
     data = json.load(open(table.path))
     data['calibration'].update(
-        scale=float(scale), offset_ms=float(offset),
-        note=(f'overhead_ms: median invoke of a one-add model; scale, offset_ms: least squares of '
-              f'whole-model time on (sum - (units - 1) * overhead_ms) over {len(fit_archs)} random '
-              f'architectures of the space (seed {_SEED.value + 1}), not the validation ones'))
+        scale=float(scale), ms_per_mparam=float(per_mparam), offset_ms=float(offset),
+        note=(f'overhead_ms: median invoke of a one-add model; scale, ms_per_mparam, offset_ms: '
+              f'least squares of whole-model time on (sum - (units - 1) * overhead_ms, parameters '
+              f'/ 1e6, 1) over {len(fit_archs)} random architectures of the space (seed '
+              f'{_SEED.value + 1}), none of them judged in the validation'))
     with open(table.path, 'w') as f:
       json.dump(data, f, indent=1)
       f.write('\n')
     table = table_lib.LatencyTable.load(table.path)
-    report['fit'] = {'num': len(fit_archs), 'scale': float(scale), 'offset_ms': float(offset)}
+    report['fit'] = {'num': len(fit_archs), 'scale': float(scale),
+                     'ms_per_mparam': float(per_mparam), 'offset_ms': float(offset)}
 
   names = sorted(models.ARCHITECTURES)
   random_archs = sample(space, _NUM_RANDOM.value, _SEED.value)
   archs = random_archs + names
   measured = measure(archs, table, backend, 'validate')
-  sums, units = raw_sums(table, archs).T
+  sums, units, _ = raw_sums(table, archs).T
   calibrated = np.asarray([table.predict(a) for a in archs])
   report['validation'] = {
       'num_random': len(random_archs), 'named': names,
@@ -131,6 +141,15 @@ def main(argv):
   report['predict_batch'] = {'archs': len(batch), 'per_second_cold_cache': len(batch) / cold,
                              'per_second': len(batch) / warm, 'equals_predict': bool(exact),
                              'same_twice': bool(np.array_equal(first, second))}
+  tokens = np.stack([space.encode(a) for a in batch[:1000]])
+  tokens = np.concatenate([tokens] * (len(batch) // len(tokens)))
+  fresh.predict_tokens(space, tokens[:1])  # builds the per-block arrays once
+  start = time.perf_counter()
+  by_tokens = fresh.predict_tokens(space, tokens)
+  report['predict_tokens'] = {'archs': len(tokens),
+                              'per_second': len(tokens) / (time.perf_counter() - start),
+                              'equals_predict_batch': bool(np.allclose(
+                                  by_tokens[:1000], first[:1000], rtol=1e-12))}
   print(json.dumps(report))
 
 

@@ -65,7 +65,7 @@ def test_profiled_layers_have_the_folded_flax_layers_shapes():
     module = models.MnasLayer(spec, functools.partial(nn.BatchNorm, epsilon=1e-3), 'native')
     variables = export.random_variables(module, (1, 16, 16, spec.in_filters), train=False)
     assert (jax.tree_util.tree_map(np.shape, export.fold_batchnorm(variables))
-            == jax.tree_util.tree_map(np.shape, export.random_layer_params(spec)))
+            == jax.tree_util.tree_map(np.shape, export.random_params(export.layer_param_shapes(spec))))
 
 
 def test_layer_keys_normalise_what_does_not_change_compute():
@@ -86,7 +86,7 @@ def test_layer_keys_normalise_what_does_not_change_compute():
 def synthetic_table(arch, resolution=32, num_classes=10, **calibration):
   """Each unit of `arch` gets a distinct known latency: 1, 2, 4, ... ms (sums are unambiguous)."""
   units = table_lib.network_units(arch, resolution, num_classes)
-  entries = {k: {'ms': float(2 ** i)} for i, k in enumerate(dict.fromkeys(units))}
+  entries = {k: {'ms': float(2 ** i), 'params': 1_000_000} for i, k in enumerate(dict.fromkeys(units))}
   return table_lib.LatencyTable(entries, resolution=resolution, num_classes=num_classes,
                                 backend='test', device={'name': 'test'}, calibration=calibration)
 
@@ -95,8 +95,8 @@ def test_predict_is_stem_plus_layers_plus_head_with_calibration(tmp_path):
   table = synthetic_table(ARCH)
   # Units: stem, 5 layers (1 + 2 + 1 + 1), head: 7 distinct ones -> 1 + 2 + ... + 64.
   assert table.predict(ARCH) == 127.0
-  calibrated = synthetic_table(ARCH, overhead_ms=0.5, scale=2.0, offset_ms=1.0)
-  assert calibrated.predict(ARCH) == 2.0 * (127.0 - 6 * 0.5) + 1.0
+  calibrated = synthetic_table(ARCH, overhead_ms=0.5, scale=2.0, ms_per_mparam=0.25, offset_ms=1.0)
+  assert calibrated.predict(ARCH) == 2.0 * (127.0 - 6 * 0.5) + 0.25 * 7 + 1.0
   path = calibrated.save(tmp_path / 't.json')
   loaded = latency.LatencyTable.load(path)
   assert (loaded.resolution, loaded.num_classes, loaded.path) == (32, 10, path)
@@ -164,6 +164,10 @@ def test_profiler_covers_the_space_resumes_and_predicts_sums(tmp_path, monkeypat
                + entries['head_i320_r1_c10'] - (len(layers) + 1) * entries[profiler.OVERHEAD_KEY])
     assert loaded.predict(arch) == pytest.approx(by_hand, rel=1e-12)
     assert table.predict(arch) == loaded.predict(arch)
+    # The entries' parameter counts add up to the folded Flax model's.
+    model = models.create(arch, num_classes=10, depthwise='native', dtype='float32')
+    folded = export.fold_batchnorm(export.random_variables(model, (1, 16, 16, 3)))
+    assert loaded.sums(arch)[2] == models.count_params(folded)
   # A second run finds everything in the journal: nothing is exported or timed again.
   monkeypatch.setattr(export, 'to_tflite', lambda *a: pytest.fail('re-exported a finished unit'))
   profiler.profile(config, str(tmp_path))
@@ -270,3 +274,8 @@ def test_shipped_tables_cover_the_space_and_named_models(name, arg):
   archs = [space.decode([rng.integers(c) for c in space.choices]) for _ in range(100)]
   np.testing.assert_allclose(table.predict_batch(archs), [table.predict(a) for a in archs],
                              rtol=1e-12)
+  tokens = np.stack([space.encode(a) for a in archs])
+  np.testing.assert_allclose(table.predict_tokens(space, tokens), table.predict_batch(archs),
+                             rtol=1e-12)
+  with pytest.raises(ValueError, match='tokens out of range'):
+    table.predict_tokens(space, tokens + 5)

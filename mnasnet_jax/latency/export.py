@@ -176,53 +176,74 @@ def export_tflite(arch, path, resolution: int = 224, num_classes: int = 1000, pa
 
 # --- the units of the latency table --------------------------------------------------------------
 
-def _random_conv(rng, kernel: int, cin: int, cout: int, bias: bool = True):
-  """A folded conv's parameters; `cin` 1 is the depthwise kernel (k, k, 1, C)."""
-  p = {'kernel': (rng.normal(0.0, 1.0, (kernel, kernel, cin, cout))
-                  / np.sqrt(kernel * kernel * cin)).astype(np.float32)}
-  if bias:
-    p['bias'] = rng.normal(0.0, 0.1, (cout,)).astype(np.float32)
-  return p
+def _conv_shapes(kernel: int, cin: int, cout: int) -> dict:
+  """A folded conv's parameter shapes; `cin` 1 is the depthwise kernel (k, k, 1, C)."""
+  return {'kernel': (kernel, kernel, cin, cout), 'bias': (cout,)}
 
 
-def random_layer_params(spec: blocks_lib.Layer, seed: int = 0) -> dict:
-  """Folded parameters of one layer, drawn directly: no Flax init (the profiler makes thousands)."""
-  rng = np.random.default_rng(seed)
+def layer_param_shapes(spec: blocks_lib.Layer) -> dict:
+  """The folded parameter tree of one layer (what `fold_batchnorm` makes of models.MnasLayer's)."""
   p = {}
   if spec.op == 'conv':
-    p['conv'] = _random_conv(rng, spec.kernel, spec.in_filters, spec.out_filters)
+    p['conv'] = _conv_shapes(spec.kernel, spec.in_filters, spec.out_filters)
     width = spec.out_filters
   else:
     width = spec.hidden_filters
     if spec.expand != 1:
-      p['expand'] = _random_conv(rng, 1, spec.in_filters, width)
-    p['depthwise'] = _random_conv(rng, spec.kernel, 1, width)
-    p['project'] = _random_conv(rng, 1, width, spec.out_filters)
+      p['expand'] = _conv_shapes(1, spec.in_filters, width)
+    p['depthwise'] = _conv_shapes(spec.kernel, 1, width)
+    p['project'] = _conv_shapes(1, width, spec.out_filters)
   if spec.se_filters:
-    p['se'] = {'reduce': _random_conv(rng, 1, width, spec.se_filters),
-               'expand': _random_conv(rng, 1, spec.se_filters, width)}
+    p['se'] = {'reduce': _conv_shapes(1, width, spec.se_filters),
+               'expand': _conv_shapes(1, spec.se_filters, width)}
   if spec.projects_shortcut:
-    p['shortcut'] = _random_conv(rng, 1, spec.in_filters, spec.out_filters)
+    p['shortcut'] = _conv_shapes(1, spec.in_filters, spec.out_filters)
   return p
+
+
+def stem_param_shapes(filters: int) -> dict:
+  return {'stem': _conv_shapes(3, 3, filters)}
+
+
+def head_param_shapes(in_filters: int, num_classes: int, head_filters: int = models.HEAD_FILTERS):
+  return {'head': _conv_shapes(1, in_filters, head_filters),
+          'classifier': {'kernel': (head_filters, num_classes), 'bias': (num_classes,)}}
+
+
+def _is_shape(x):
+  return isinstance(x, tuple)
+
+
+def param_count(shapes: dict) -> int:
+  return int(sum(np.prod(s) for s in jax.tree_util.tree_leaves(shapes, is_leaf=_is_shape)))
+
+
+def random_params(shapes: dict, seed: int = 0) -> dict:
+  """Random folded parameters drawn directly from their shapes: no Flax init (the profiler makes
+  thousands). Kernels are scaled by fan-in so activations keep their size through a network."""
+  rng = np.random.default_rng(seed)
+
+  def draw(shape):
+    if len(shape) == 1:
+      return rng.normal(0.0, 0.1, shape).astype(np.float32)
+    return (rng.normal(0.0, 1.0, shape) / np.sqrt(np.prod(shape[:-1]))).astype(np.float32)
+
+  return jax.tree_util.tree_map(draw, shapes, is_leaf=_is_shape)
 
 
 def layer_tflite(spec: blocks_lib.Layer, seed: int = 0) -> bytes:
   """One layer alone: input [1, r, r, in_filters], random weights."""
-  params = random_layer_params(spec, seed)
+  params = random_params(layer_param_shapes(spec), seed)
   shape = (1, spec.resolution, spec.resolution, spec.in_filters)
   return to_tflite(functools.partial(layer_forward, spec, params), shape)
 
 
 def stem_tflite(filters: int, resolution: int, seed: int = 0) -> bytes:
-  params = {'stem': _random_conv(np.random.default_rng(seed), 3, 3, filters)}
+  params = random_params(stem_param_shapes(filters), seed)
   return to_tflite(functools.partial(stem_forward, params), (1, resolution, resolution, 3))
 
 
-def head_tflite(in_filters: int, resolution: int, num_classes: int,
-                head_filters: int = models.HEAD_FILTERS, seed: int = 0) -> bytes:
+def head_tflite(in_filters: int, resolution: int, num_classes: int, seed: int = 0) -> bytes:
   """The head as the model has it: 1x1 conv to 1280 + ReLU, global mean, classifier."""
-  rng = np.random.default_rng(seed)
-  classifier = _random_conv(rng, 1, head_filters, num_classes)
-  classifier['kernel'] = classifier['kernel'][0, 0]
-  params = {'head': _random_conv(rng, 1, in_filters, head_filters), 'classifier': classifier}
+  params = random_params(head_param_shapes(in_filters, num_classes), seed)
   return to_tflite(functools.partial(head_forward, params), (1, resolution, resolution, in_filters))

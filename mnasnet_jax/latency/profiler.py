@@ -189,7 +189,7 @@ def overhead_tflite() -> bytes:
 
 
 def profile_units(space, architectures, resolution: int, num_classes: int) -> dict:
-  """key -> a function making that unit's TFLite model, for every unit the table needs."""
+  """key -> (a function making that unit's TFLite model, its parameter count), every unit needed."""
   units = {}
   stems, heads = {space.stem_filters} if space else set(), set()
   layers = set(space.distinct_layers(resolution)) if space else set()
@@ -207,12 +207,16 @@ def profile_units(space, architectures, resolution: int, num_classes: int) -> di
     last = arch_layers[-1]
     heads.add((last.out_filters, last.out_resolution))
   for stem in sorted(stems):
-    units[table_lib.stem_key(stem, resolution)] = lambda s=stem: export.stem_tflite(s, resolution)
+    units[table_lib.stem_key(stem, resolution)] = (
+        lambda s=stem: export.stem_tflite(s, resolution),
+        export.param_count(export.stem_param_shapes(stem)))
   for layer in sorted(layers, key=table_lib.layer_key):
-    units.setdefault(table_lib.layer_key(layer), lambda l=layer: export.layer_tflite(l))
+    units.setdefault(table_lib.layer_key(layer), (
+        lambda l=layer: export.layer_tflite(l), export.param_count(export.layer_param_shapes(layer))))
   for width, res in sorted(heads):
     units[table_lib.head_key(width, res, num_classes)] = (
-        lambda w=width, r=res: export.head_tflite(w, r, num_classes))
+        lambda w=width, r=res: export.head_tflite(w, r, num_classes),
+        export.param_count(export.head_param_shapes(width, num_classes)))
   return units
 
 
@@ -260,7 +264,7 @@ def profile(config, workdir: str) -> table_lib.LatencyTable:
   space = (search_space_lib.SearchSpace(config.search_space)
            if config.get('search_space') is not None else None)
   units = profile_units(space, tuple(config.architectures), config.resolution, config.num_classes)
-  units[OVERHEAD_KEY] = overhead_tflite
+  units[OVERHEAD_KEY] = (overhead_tflite, 1)
   backend = create_backend(config)
   journal = os.path.join(workdir, f'{os.path.splitext(config.table_name)[0]}.journal.jsonl')
   done = read_journal(journal)
@@ -271,7 +275,7 @@ def profile(config, workdir: str) -> table_lib.LatencyTable:
   start, export_seconds, timing_seconds, last_log = time.time(), 0.0, 0.0, 0.0
   for n, key in enumerate(todo, 1):
     t0 = time.time()
-    content = units[key]()
+    content = units[key][0]()
     t1 = time.time()
     entry = backend.time(content, key)
     t2 = time.time()
@@ -286,7 +290,8 @@ def profile(config, workdir: str) -> table_lib.LatencyTable:
                    'last %s: %.3f ms', n, len(todo), len(done), len(units), rate,
                    100 * export_seconds / max(t2 - start, 1e-9), (len(todo) - n) / rate / 60, key,
                    entry['ms'])
-  entries = {key: {k: done[key][k] for k in ('ms', 'mean_ms', 'std_ms', 'min_ms', 'count')}
+  entries = {key: {**{k: done[key][k] for k in ('ms', 'mean_ms', 'std_ms', 'min_ms', 'count')},
+                   'params': units[key][1]}
              for key in units if key != OVERHEAD_KEY}
   overhead = done[OVERHEAD_KEY]
   table = table_lib.LatencyTable(
@@ -297,9 +302,9 @@ def profile(config, workdir: str) -> table_lib.LatencyTable:
               'num_threads': config.num_threads, 'unit': 'one TFLite model per entry, timed alone'},
       search_space=config.search_space.to_dict() if space else None,
       architectures=list(config.architectures),
-      calibration={'overhead_ms': overhead['ms'], 'scale': 1.0, 'offset_ms': 0.0,
-                   'note': 'overhead_ms: median invoke of a one-add model; scale and offset not '
-                           'fitted'})
+      calibration={'overhead_ms': overhead['ms'], 'scale': 1.0, 'ms_per_mparam': 0.0,
+                   'offset_ms': 0.0,
+                   'note': 'overhead_ms: median invoke of a one-add model; the rest not fitted'})
   path = table.save(os.path.join(workdir, config.table_name))
   logging.info('wrote %s: %d entries, invoke overhead %.4f ms; export %.0f s, timing %.0f s this run',
                path, len(entries), overhead['ms'], export_seconds, timing_seconds)

@@ -5,22 +5,26 @@ profiled once. An entry is keyed by `layer_key`: the fields of a `blocks.Layer` 
 (op, kernel, stride, expansion, tensor widths, SE width, the shortcut actually added, input resolution),
 plus one entry for the stem and one per (head input width, resolution, classes).
 
-    predict(arch) = scale * (stem + sum(layers) + head - (units - 1) * overhead_ms) + offset_ms
+    predict(arch) = scale * (stem + sum(layers) + head - (units - 1) * overhead_ms)
+                    + ms_per_mparam * (parameters / 1e6) + offset_ms
 
 Each entry was timed as its own interpreter invoke, so it carries one invoke's fixed cost, while a
 whole model pays it once: `overhead_ms` (an empty model's invoke, measured when profiling) is taken
-off all but one unit. `scale` and `offset_ms` are a linear correction fitted on whole-model timings of
-architectures other than those the table is validated on (benchmarks/latency_table.py); 1 and 0
-when not fitted. The file is JSON:
+off all but one unit. A unit timed alone and repeated keeps its weights in cache; a whole network
+streams all of its weights from memory on every invoke, a cost that grows with the parameter count
+(each entry records its unit's folded parameters). `scale`, `ms_per_mparam` and `offset_ms` are a
+linear correction fitted by least squares on whole-model timings of architectures other than those
+the table is validated on (benchmarks/latency_table.py); 1, 0, 0 when not fitted. The file is JSON:
 
     {"format": "mnasnet_jax.latency_table", "version": 1, "resolution": 224, "num_classes": 1000,
      "backend": "litert", "device": {...}, "versions": {...}, "date": "...", "timing": {...},
-     "calibration": {"overhead_ms": 0.01, "scale": 1.0, "offset_ms": 0.0, ...},
-     "entries": {"<key>": {"ms": median, "mean_ms": .., "std_ms": .., "count": ..}, ...}}
+     "calibration": {"overhead_ms": .., "scale": 1.0, "ms_per_mparam": 0.0, "offset_ms": 0.0, ..},
+     "entries": {"<key>": {"ms": median, "mean_ms": .., "std_ms": .., "count": .., "params": ..}}}
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -100,8 +104,12 @@ class LatencyTable:
     self.overhead_ms = float(calibration.get('overhead_ms', 0.0))
     self.scale = float(calibration.get('scale', 1.0))
     self.offset_ms = float(calibration.get('offset_ms', 0.0))
+    self.ms_per_mparam = float(calibration.get('ms_per_mparam', 0.0))
     self._ms = {key: float(entry['ms']) for key, entry in self.entries.items()}
+    self._params = {key: int(entry.get('params', 0)) for key, entry in self.entries.items()}
     self._blocks = {}  # (block string, input width, resolution) -> (ms, units, width, resolution)
+    self._tokens = {}  # id(space) -> (space, per-block arrays) for predict_tokens
+    self._ends_cache = {}  # (stem width, head input width, head resolution) -> (ms, parameters)
 
   # --- files ---------------------------------------------------------------------------------
 
@@ -163,45 +171,126 @@ class LatencyTable:
   def layer_ms(self, layer: blocks_lib.Layer) -> float:
     return self.entry_ms(layer_key(layer))
 
-  def _calibrate(self, total_ms, units):
-    return self.scale * (total_ms - (units - 1) * self.overhead_ms) + self.offset_ms
+  def _calibrate(self, total_ms, units, params):
+    return (self.scale * (total_ms - (units - 1) * self.overhead_ms)
+            + self.ms_per_mparam * params / 1e6 + self.offset_ms)
+
+  def sums(self, arch) -> tuple[float, int, int]:
+    """(sum of entries in ms, number of units, parameters) of `arch`: the calibration's inputs."""
+    units = network_units(arch, self.resolution, self.num_classes)
+    return (sum(self.entry_ms(k) for k in units), len(units),
+            sum(self._params[k] for k in units))
 
   def predict(self, arch) -> float:
     """Milliseconds of `arch` (a name, block strings, or a models.Architecture) on the device."""
-    units = network_units(arch, self.resolution, self.num_classes)
-    return float(self._calibrate(sum(self.entry_ms(k) for k in units), len(units)))
+    return float(self._calibrate(*self.sums(arch)))
 
   def _block(self, block: str, width: int, res: int):
     key = (block, width, res)
     cached = self._blocks.get(key)
     if cached is None:
       layers = blocks_lib.layers([block], width, res)
-      ms = sum(self.layer_ms(l) for l in layers)
-      cached = (ms, len(layers), layers[-1].out_filters if layers else width,
-                layers[-1].out_resolution if layers else res)
+      keys = [layer_key(l) for l in layers]
+      cached = (sum(self.entry_ms(k) for k in keys), len(layers),
+                layers[-1].out_filters if layers else width,
+                layers[-1].out_resolution if layers else res, sum(self._params[k] for k in keys))
       self._blocks[key] = cached
+    return cached
+
+  def _ends(self, stem: int, width: int, res: int):
+    """(ms, parameters) of the stem and the head together."""
+    key = (stem, width, res)
+    cached = self._ends_cache.get(key)
+    if cached is None:
+      keys = (stem_key(stem, self.resolution), head_key(width, res, self.num_classes))
+      cached = self._ends_cache[key] = (sum(self.entry_ms(k) for k in keys),
+                                        sum(self._params[k] for k in keys))
     return cached
 
   def predict_batch(self, archs: Iterable) -> np.ndarray:
     """Milliseconds of many architectures; equal to `predict` on each, cached per block."""
     stem_res = blocks_lib.same_output_size(self.resolution, 2)
+    default_stem = models.Architecture.stem_filters
+    cache = self._blocks
     out = []
     for arch in archs:
-      if isinstance(arch, str) or not isinstance(arch, Sequence):
+      if isinstance(arch, (list, tuple)):
+        stem = default_stem
+      else:
         spec = models.architecture(arch)
         arch, stem = spec.blocks, spec.stem_filters
-      else:
-        stem = models.Architecture.stem_filters
       width, res = stem, stem_res
-      total = self.entry_ms(stem_key(stem, self.resolution))
-      units = 2
+      total, units, params = 0.0, 2, 0
       for block in arch:
-        ms, n, width, res = self._block(block, width, res)
+        cached = cache.get((block, width, res))
+        if cached is None:
+          cached = self._block(block, width, res)
+        ms, n, width, res, p = cached
         total += ms
         units += n
-      total += self.entry_ms(head_key(width, res, self.num_classes))
-      out.append(self._calibrate(total, units))
-    return np.asarray(out, np.float64)
+        params += p
+      ms, p = self._ends(stem, width, res)
+      out.append((total + ms, units, params + p))
+    totals = np.asarray(out, np.float64).reshape(-1, 3)
+    return self._calibrate(totals[:, 0], totals[:, 1], totals[:, 2])
+
+  def _token_tables(self, space):
+    """Per block: its input widths (sorted) and [width, choice] arrays of ms, units, out width."""
+    from mnasnet_jax import search_space as search_space_lib
+    decisions = search_space_lib.DECISIONS
+    tables = []
+    widths = {space.stem_filters}
+    for b, res in enumerate(space.block_resolutions(self.resolution)):
+      if b in space.searched:
+        choices = [space.options[d] for d in decisions]
+        grid = [dict(zip(decisions, values)) for values in itertools.product(*choices)]
+        make = lambda picks, w, b=b: space._searched_block(b, picks, w)  # pylint: disable=protected-access
+      else:
+        grid = [None]
+        make = lambda picks, w, b=b: space.base[b].replace(in_filters=w)
+      sorted_widths = np.asarray(sorted(widths))
+      values = np.zeros((4, len(sorted_widths), len(grid)))
+      for i, w in enumerate(sorted_widths):
+        for c, picks in enumerate(grid):
+          ms, n, out, _, params = self._block(blocks_lib.encode(make(picks, int(w))), int(w), res)
+          values[:, i, c] = ms, n, out, params
+      tables.append((b in space.searched, sorted_widths, values))
+      widths = {int(w) for w in np.unique(values[2])}
+    return tables
+
+  def predict_tokens(self, space, tokens) -> np.ndarray:
+    """Milliseconds of the architectures `space.decode(t)` for each row of `tokens` [N, positions],
+    vectorised: one gather per block (millions per second). Equal to `predict_batch`."""
+    tokens = np.asarray(tokens, np.int64).reshape(-1, len(space.choices))
+    if np.any(tokens < 0) or np.any(tokens >= np.asarray(space.choices)):
+      raise ValueError(f'tokens out of range: position p takes 0..choices[p]-1, {space.choices}')
+    cached = self._tokens.get(id(space))
+    if cached is None or cached[0] is not space:
+      cached = self._tokens[id(space)] = (space, self._token_tables(space))
+    per_block = len(space.choices) // max(len(space.searched), 1)
+    widths = np.full(len(tokens), space.stem_filters)
+    total, units, params = np.zeros(len(tokens)), np.full(len(tokens), 2.0), np.zeros(len(tokens))
+    k = 0
+    for searched, sorted_widths, values in cached[1]:
+      if searched:
+        block_tokens = tokens[:, k * per_block:(k + 1) * per_block]
+        choice = np.ravel_multi_index(block_tokens.T, space.choices[k * per_block:(k + 1) * per_block])
+        k += 1
+      else:
+        choice = 0
+      row = np.searchsorted(sorted_widths, widths)
+      total += values[0, row, choice]
+      units += values[1, row, choice]
+      params += values[3, row, choice]
+      widths = values[2, row, choice].astype(np.int64)
+    stem_res = blocks_lib.same_output_size(self.resolution, 2)
+    final_res = space.block_resolutions(self.resolution)[-1] if space.base else stem_res
+    final_res = blocks_lib.same_output_size(final_res, space.base[-1].stride)
+    for w in np.unique(widths):
+      ms, p = self._ends(space.stem_filters, int(w), final_res)
+      total[widths == w] += ms
+      params[widths == w] += p
+    return self._calibrate(total, units, params)
 
   def __len__(self):
     return len(self._ms)

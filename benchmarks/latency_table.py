@@ -7,6 +7,7 @@ exported whole to TFLite and timed on the same backend (litert, one thread, the 
 repeats); their times are compared with the table's predictions: mean absolute percentage error,
 worst error, Spearman rank correlation. Three predictions are reported: the plain sum of entries, the
 sum less the per-invoke overhead of all but one unit, and the calibrated one (table.py's formula).
+Whole models are timed with the table's statistic (its `timing.statistic`, e.g. the minimum).
 
 `--fit_calibration` first fits the calibration's scale and offset by least squares on
 `--num_fit` OTHER random architectures (seed `--seed + 1`), writes it into the table file, and then
@@ -64,7 +65,7 @@ def measure(archs, table, backend, label):
         path = export.export_tflite(arch, os.path.join(tmp, 'model.tflite'), table.resolution,
                                     table.num_classes, seed=i)
         with open(path, 'rb') as f:
-          cache[name] = backend.time(f.read(), 'model')['ms']
+          cache[name] = backend.time(f.read(), 'model')[f'{table.metadata["timing"]["statistic"]}_ms']
         if _MEASURED.value:
           with open(_MEASURED.value, 'w') as f:
             json.dump(cache, f)

@@ -36,6 +36,9 @@ def get_config(arg=None):
   config.warmup = 20 if local else 5
   config.repeats = 200 if local else 30
   config.num_threads = 1  # a phone's single big core
+  # Each entry's statistic over the repeats: 'min', 'median' (litert only), 'mean'. The minimum is the
+  # one that adds up to whole networks on a shared machine (see mnasnet_jax/latency/profiler.py).
+  config.statistic = 'min'
   config.log_every_seconds = 30.0
   config.adb = ml_collections.ConfigDict()
   config.adb.binary = 'adb'

@@ -135,7 +135,7 @@ def tiny_profile_config(**changes):
   space.skip_ops, space.filter_multipliers, space.layer_deltas = ('identity',), (1.0,), (0,)
   fields = dict(
       job='profile_latency', search_space=space, architectures=(), resolution=16, num_classes=10,
-      table_name='tiny.json', backend='litert', warmup=1, repeats=3, num_threads=1,
+      table_name='tiny.json', backend='litert', warmup=1, repeats=3, num_threads=1, statistic='min',
       log_every_seconds=0.0,
       adb=dict(binary='adb', serial='', device_dir='/data/local/tmp/m', benchmark_binary='/bm',
                cpu_mask='f0'))
@@ -149,11 +149,11 @@ def test_profiler_covers_the_space_resumes_and_predicts_sums(tmp_path, monkeypat
   space = search_space.SearchSpace(config.search_space)
   journal = tmp_path / 'tiny.journal.jsonl'
   records = [json.loads(line) for line in journal.read_text().splitlines()]
-  entries = {r['key']: r['ms'] for r in records}
+  entries = {r['key']: r['min_ms'] for r in records}
   # Every distinct layer of the space, one stem, one head per reaching width, the overhead unit.
   keys = {table_lib.layer_key(l) for l in space.distinct_layers(16)}
   assert set(entries) == keys | {'stem_o32_r16', 'head_i320_r1_c10', profiler.OVERHEAD_KEY}
-  assert all(r['count'] == 3 and r['ms'] > 0 for r in records)
+  assert all(r['count'] == 3 and 0 < r['min_ms'] <= r['median_ms'] for r in records)
   loaded = latency.LatencyTable.load(tmp_path / 'tiny.json')
   assert loaded.metadata['timing']['repeats'] == 3 and loaded.device['num_threads'] == 1
   assert loaded.metadata['versions']['litert-converter'] == '0.5.0'
@@ -228,7 +228,7 @@ def test_adb_backend_pushes_pins_and_parses(tmp_path, monkeypatch):
                                 benchmark_binary='/data/local/tmp/benchmark_model', cpu_mask='f0')
   content = export.stem_tflite(8, 16)
   entry = backend.time(content, 'unit')
-  assert entry == {'ms': 0.6005, 'mean_ms': 0.6005, 'std_ms': 0.014, 'min_ms': 0.58, 'count': 5}
+  assert entry == {'mean_ms': 0.6005, 'std_ms': 0.014, 'min_ms': 0.58, 'count': 5}
   assert (phone / 'unit.tflite').read_bytes() == content  # the model reached the phone intact
   calls = [json.loads(line) for line in log.read_text().splitlines()]
   assert all(c[:2] == ['-s', 'PHONE1'] for c in calls)
@@ -247,9 +247,12 @@ def test_adb_profile_job_and_failures(tmp_path, monkeypatch):
                                architectures=('r1_k3_s11_e1_i32_o16_noskip,r1_k3_s22_e3_i16_o24',))
   table = profiler.profile(config, str(tmp_path / 'work'))
   assert len(table) == 4 and table.device['model'] == 'Pixel 1'
-  assert table.metadata['timing']['statistic'] == 'mean'
+  assert table.metadata['timing']['statistic'] == 'min'
   arch = config.architectures[0]
-  assert table.predict(arch) == pytest.approx(4 * 0.6005 - 3 * 0.6005)
+  assert table.predict(arch) == pytest.approx(4 * 0.58 - 3 * 0.58)
+  config.statistic = 'median'  # benchmark_model prints none
+  with pytest.raises(ValueError, match="does not give the statistic 'median'"):
+    profiler.profile(config, str(tmp_path / 'work2'))
   with pytest.raises(ValueError, match='no timing line'):
     profiler.parse_benchmark_model('error: could not open graph')
   monkeypatch.setenv('PATH', str(tmp_path / 'nowhere'))

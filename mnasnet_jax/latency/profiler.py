@@ -8,11 +8,15 @@ the heads of every width that can reach them. Each is exported alone as a small 
 weights: float latency does not depend on their values) and timed on a backend:
 
 * `litert`: the ai-edge-litert interpreter on this machine, `num_threads` threads (1: a phone's one big
-  core), `warmup` untimed invokes then `repeats` timed ones; the entry is their median.
+  core), `warmup` untimed invokes then `repeats` timed ones;
 * `adb`: the same file pushed to an Android phone and timed by TFLite's `benchmark_model` pinned with
-  `taskset` to `cpu_mask` (a big core), one thread; the entry is its reported average (the tool gives
-  no median). No phone was at hand when this was written: its command plumbing is tested against a
-  stand-in `adb` executable only (tests/test_latency.py).
+  `taskset` to `cpu_mask` (a big core), one thread (its output gives mean, std and min, no median).
+  No phone was at hand when this was written: its command plumbing is tested against a stand-in
+  `adb` executable only (tests/test_latency.py).
+
+The journal keeps every statistic; the table's entry is `config.statistic` of them. On a shared
+machine the minimum is the one that adds up: a whole network's median is inflated by other processes
+evicting its weights between invokes far more than a small layer's is (benchmarks/latency_table.py).
 
 Every finished unit is appended to a JSON-lines journal in the workdir before the next starts, so a
 stopped job resumes where it stopped (on a phone it takes hours). The table goes to
@@ -48,16 +52,14 @@ _PACKAGES = ('jax', 'jaxlib', 'flax', 'numpy', 'litert-converter', 'ai-edge-lite
 
 def _timing_stats(seconds) -> dict:
   ms = np.asarray(seconds, np.float64) * 1e3
-  return {'ms': float(np.median(ms)), 'mean_ms': float(ms.mean()), 'std_ms': float(ms.std()),
-          'min_ms': float(ms.min()), 'count': int(ms.size)}
+  return {'median_ms': float(np.median(ms)), 'mean_ms': float(ms.mean()),
+          'std_ms': float(ms.std()), 'min_ms': float(ms.min()), 'count': int(ms.size)}
 
 
 # --- backends ----------------------------------------------------------------------------------
 
 class LiteRTBackend:
   """Times a model with the ai-edge-litert interpreter (XNNPACK) in this process."""
-
-  statistic = 'median'
 
   def __init__(self, warmup: int, repeats: int, num_threads: int = 1):
     if repeats < 1 or warmup < 0:
@@ -109,7 +111,7 @@ def parse_benchmark_model(output: str) -> dict:
     raise ValueError('no timing line ("count=... avg=... std=...") in benchmark_model output:\n'
                      + output[-2000:])
   count, min_us, avg_us, std_us = found[-1]
-  return {'ms': float(avg_us) / 1e3, 'mean_ms': float(avg_us) / 1e3, 'std_ms': float(std_us) / 1e3,
+  return {'mean_ms': float(avg_us) / 1e3, 'std_ms': float(std_us) / 1e3,
           'min_ms': float(min_us) / 1e3, 'count': int(count)}
 
 
@@ -117,8 +119,6 @@ class AdbBackend:
   """Times a model on an Android phone over adb with TFLite's `benchmark_model`, one thread, pinned
   by `taskset` to a big core. The phone needs the benchmark binary at `benchmark_binary` (see the
   TFLite performance-measurement docs); `cpu_mask` is hex, e.g. 'f0' for cores 4-7."""
-
-  statistic = 'mean'
 
   def __init__(self, warmup: int, repeats: int, num_threads: int = 1, adb: str = 'adb',
                serial: str | None = None, device_dir: str = '/data/local/tmp/mnasnet_latency',
@@ -266,6 +266,7 @@ def profile(config, workdir: str) -> table_lib.LatencyTable:
   units = profile_units(space, tuple(config.architectures), config.resolution, config.num_classes)
   units[OVERHEAD_KEY] = (overhead_tflite, 1)
   backend = create_backend(config)
+  statistic = f'{config.statistic}_ms'
   journal = os.path.join(workdir, f'{os.path.splitext(config.table_name)[0]}.journal.jsonl')
   done = read_journal(journal)
   todo = [key for key in units if key not in done]
@@ -279,6 +280,9 @@ def profile(config, workdir: str) -> table_lib.LatencyTable:
     t1 = time.time()
     entry = backend.time(content, key)
     t2 = time.time()
+    if statistic not in entry:
+      raise ValueError(f'the {config.backend} backend does not give the statistic '
+                       f'{config.statistic!r}: expected one of {sorted(entry)} without "_ms"')
     export_seconds += t1 - t0
     timing_seconds += t2 - t1
     _append(journal, key, {**entry, 'export_s': round(t1 - t0, 4), 'time_s': round(t2 - t1, 4)})
@@ -289,25 +293,28 @@ def profile(config, workdir: str) -> table_lib.LatencyTable:
       logging.info('profiled %d/%d (%d/%d in all), %.2f units/s (export %.0f%%), ETA %.0f min; '
                    'last %s: %.3f ms', n, len(todo), len(done), len(units), rate,
                    100 * export_seconds / max(t2 - start, 1e-9), (len(todo) - n) / rate / 60, key,
-                   entry['ms'])
-  entries = {key: {**{k: done[key][k] for k in ('ms', 'mean_ms', 'std_ms', 'min_ms', 'count')},
-                   'params': units[key][1]}
+                   entry[statistic])
+  entries = {key: {'ms': done[key][statistic], **done[key], 'params': units[key][1]}
              for key in units if key != OVERHEAD_KEY}
+  for entry in entries.values():
+    entry.pop('export_s', None)
+    entry.pop('time_s', None)
   overhead = done[OVERHEAD_KEY]
   table = table_lib.LatencyTable(
       entries, resolution=config.resolution, num_classes=config.num_classes,
       backend=config.backend, device=backend.device(),
       versions=library_versions(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
-      timing={'statistic': backend.statistic, 'warmup': config.warmup, 'repeats': config.repeats,
+      timing={'statistic': config.statistic, 'warmup': config.warmup, 'repeats': config.repeats,
               'num_threads': config.num_threads, 'unit': 'one TFLite model per entry, timed alone'},
       search_space=config.search_space.to_dict() if space else None,
       architectures=list(config.architectures),
-      calibration={'overhead_ms': overhead['ms'], 'scale': 1.0, 'ms_per_mparam': 0.0,
+      calibration={'overhead_ms': overhead[statistic], 'scale': 1.0, 'ms_per_mparam': 0.0,
                    'offset_ms': 0.0,
-                   'note': 'overhead_ms: median invoke of a one-add model; the rest not fitted'})
+                   'note': f'overhead_ms: {config.statistic} invoke of a one-add model; the rest '
+                           'not fitted'})
   path = table.save(os.path.join(workdir, config.table_name))
   logging.info('wrote %s: %d entries, invoke overhead %.4f ms; export %.0f s, timing %.0f s this run',
-               path, len(entries), overhead['ms'], export_seconds, timing_seconds)
+               path, len(entries), overhead[statistic], export_seconds, timing_seconds)
   return table
 
 

@@ -1,0 +1,107 @@
+"""Throughput of a full training step (forward, backward, RMSProp-TF update) and batch-1 latency.
+
+    python benchmarks/train_step.py --arch=mnasnet_a1 --batch=16 --resolution=224 [--depthwise=both]
+
+Uses the project's own data-parallel train step (`train.train_step` under jit(shard_map)) on one
+device with the recipe of configs/train.py. The last line printed is one JSON object.
+"""
+
+import functools
+import importlib.util
+import json
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from mnasnet_jax import platform  # noqa: E402
+from mnasnet_jax import train  # noqa: E402
+
+_ARCH = flags.DEFINE_string('arch', 'mnasnet_a1', 'Named architecture or comma-separated blocks.')
+_BATCH = flags.DEFINE_integer('batch', 16, 'Training batch size.')
+_RESOLUTION = flags.DEFINE_integer('resolution', 224, 'Input resolution.')
+_CLASSES = flags.DEFINE_integer('num_classes', 1000, 'Number of classes.')
+_DEPTHWISE = flags.DEFINE_enum('depthwise', 'both', ['both', 'auto', 'native', 'shifted'],
+                               'Depthwise-conv form(s) to measure.')
+_STEPS = flags.DEFINE_integer('steps', 10, 'Timed training steps.')
+_INFER_RUNS = flags.DEFINE_integer('infer_runs', 30, 'Timed batch-1 inference runs.')
+
+
+def recipe():
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
+                      'train.py')
+  spec = importlib.util.spec_from_file_location('train_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def measure(form: str) -> dict:
+  config = recipe()
+  config.depthwise = form
+  model = train.create_model(config, _ARCH.value, _CLASSES.value)
+  tx, schedule = train.create_optimizer(config, steps_per_epoch=1000)
+  mesh = platform.data_mesh(jax.local_devices()[:1])
+  state = train.replicate(train.create_state(model, tx, _RESOLUTION.value, True, 0), mesh)
+  state = jax.tree.map(jnp.copy, state)  # the EMA starts as the weights: give it its own buffers
+  step = train.data_parallel(functools.partial(train.train_step, model=model, tx=tx,
+                                               schedule=schedule, config=config), mesh, 2,
+                             donate_state=True)
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(_BATCH.value, _RESOLUTION.value, _RESOLUTION.value, 3)).astype(
+      np.float32)
+  labels = rng.integers(0, _CLASSES.value, _BATCH.value).astype(np.int32)
+  batch = train.shard_batch(mesh, images, labels)
+
+  start = time.perf_counter()
+  compiled = step.lower(state, *batch).compile()
+  compile_seconds = time.perf_counter() - start
+  state, metrics = compiled(state, *batch)  # warm-up
+  jax.block_until_ready(metrics)
+  start = time.perf_counter()
+  for _ in range(_STEPS.value):
+    state, metrics = compiled(state, *batch)
+  jax.block_until_ready(metrics)
+  step_seconds = (time.perf_counter() - start) / _STEPS.value
+
+  infer = jax.jit(lambda v, x: model.clone(bn_axis_name=None).apply(v, x))
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  one = jnp.asarray(images[:1])
+  jax.block_until_ready(infer(variables, one))
+  times = []
+  for _ in range(_INFER_RUNS.value):
+    start = time.perf_counter()
+    jax.block_until_ready(infer(variables, one))
+    times.append(time.perf_counter() - start)
+  return {'depthwise': model.depthwise, 'compile_seconds': round(compile_seconds, 2),
+          'train_images_per_sec': round(_BATCH.value / step_seconds, 2),
+          'infer_ms': round(1000 * float(np.median(times)), 2)}
+
+
+def main(argv):
+  del argv
+  forms = ['native', 'shifted'] if _DEPTHWISE.value == 'both' else [_DEPTHWISE.value]
+  results = {}
+  for form in forms:
+    results[form] = measure(form)
+    r = results[form]
+    print(f'{_ARCH.value} {_RESOLUTION.value}px batch {_BATCH.value}, depthwise {r["depthwise"]}: '
+          f'{r["train_images_per_sec"]} train images/s, compile {r["compile_seconds"]} s, '
+          f'batch-1 inference {r["infer_ms"]} ms', flush=True)
+  default = platform.depthwise_form(_DEPTHWISE.value if _DEPTHWISE.value != 'both' else 'auto')
+  best = results.get(default) or next(iter(results.values()))
+  print(json.dumps({'arch': _ARCH.value, 'batch': _BATCH.value, 'resolution': _RESOLUTION.value,
+                    'backend': jax.default_backend(), 'devices': jax.device_count(), **best,
+                    'forms': results}))
+
+
+if __name__ == '__main__':
+  app.run(main)

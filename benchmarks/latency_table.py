@@ -9,7 +9,7 @@ worst error, Spearman rank correlation. Three predictions are reported: the plai
 sum less the per-invoke overhead of all but one unit, and the calibrated one (table.py's formula).
 Whole models are timed with the table's statistic (its `timing.statistic`, e.g. the minimum).
 
-`--fit_calibration` first fits the calibration's scale and offset by least squares on
+`--fit_calibration` first fits the calibration's scale and ms_per_mparam (relative least squares) on
 `--num_fit` OTHER random architectures (seed `--seed + 1`), writes it into the table file, and then
 judges it on the validation set (seed `--seed`, plus the named models), none of which it saw.
 The last line printed is one JSON object.
@@ -99,14 +99,18 @@ def main(argv):
     fit_measured = measure(fit_archs, table, backend, 'fit')
     sums, units, params = raw_sums(table, fit_archs).T
     corrected = sums - (units - 1) * table.overhead_ms
-    design = np.stack([corrected, params / 1e6, np.ones_like(corrected)], axis=1)
-    (scale, per_mparam, offset), *_ = np.linalg.lstsq(design, fit_measured, rcond=None)
+    # Relative least squares (rows weighted by 1 / time: the judged error is relative), no offset:
+    # the fixed cost is the measured overhead, and a free offset extrapolated below zero for the
+    # smallest named model in a first trial.
+    design = np.stack([corrected, params / 1e6], axis=1) / fit_measured[:, None]
+    (scale, per_mparam), *_ = np.linalg.lstsq(design, np.ones_like(fit_measured), rcond=None)
+    offset = 0.0
     data = json.load(open(table.path))
     data['calibration'].update(
         scale=float(scale), ms_per_mparam=float(per_mparam), offset_ms=float(offset),
         note=(f'overhead_ms: median invoke of a one-add model; scale, ms_per_mparam, offset_ms: '
-              f'least squares of whole-model time on (sum - (units - 1) * overhead_ms, parameters '
-              f'/ 1e6, 1) over {len(fit_archs)} random architectures of the space (seed '
+              f'relative least squares of whole-model time on (sum - (units - 1) * overhead_ms, '
+              f'parameters / 1e6) over {len(fit_archs)} random architectures of the space (seed '
               f'{_SEED.value + 1}), none of them judged in the validation'))
     with open(table.path, 'w') as f:
       json.dump(data, f, indent=1)
@@ -144,9 +148,9 @@ def main(argv):
                              'same_twice': bool(np.array_equal(first, second))}
   tokens = np.stack([space.encode(a) for a in batch[:1000]])
   tokens = np.concatenate([tokens] * (len(batch) // len(tokens)))
-  fresh.predict_tokens(space, tokens[:1])  # builds the per-block arrays once
+  fresh.predict_batch(tokens[:1])  # builds the per-block arrays once
   start = time.perf_counter()
-  by_tokens = fresh.predict_tokens(space, tokens)
+  by_tokens = fresh.predict_batch(tokens)  # token rows of the table's space: predict_tokens
   report['predict_tokens'] = {'archs': len(tokens),
                               'per_second': len(tokens) / (time.perf_counter() - start),
                               'equals_predict_batch': bool(np.allclose(

@@ -280,5 +280,6 @@ def test_shipped_tables_cover_the_space_and_named_models(name, arg):
   tokens = np.stack([space.encode(a) for a in archs])
   np.testing.assert_allclose(table.predict_tokens(space, tokens), table.predict_batch(archs),
                              rtol=1e-12)
+  np.testing.assert_array_equal(table.predict_batch(tokens), table.predict_tokens(space, tokens))
   with pytest.raises(ValueError, match='tokens out of range'):
     table.predict_tokens(space, tokens + 5)

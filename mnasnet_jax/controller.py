@@ -13,7 +13,8 @@ The controller (NASNet's, as MnasNet uses it) is a one-layer LSTM that makes one
 its input is the embedding of the previous decision's choice (a learned start row at step 0), and
 each position has its own softmax head sized to that decision's options. It is trained with PPO:
 the clipped surrogate on whole-sequence probability ratios, advantage = reward - an exponential moving
-average baseline, an optional entropy bonus, several epochs of Adam minibatch updates per batch.
+average baseline (optionally divided by the batch's reward spread), an optional entropy bonus, several
+epochs of Adam minibatch updates per batch.
 `tell` treats its tokens as sampled by the current policy (as after the `ask` that produced them).
 """
 
@@ -167,6 +168,8 @@ class PPO:
     # The first batch starts the moving average at its own mean.
     baseline = jnp.where(state['step'] == 0, jnp.mean(rewards), state['baseline'])
     advantages = rewards - baseline
+    if config.normalize_advantages:  # unit scale, so steps do not shrink as rewards converge
+      advantages = advantages / (jnp.std(rewards) + 1e-8)
     size = min(config.minibatch_size, num)
     count = -(-num // size)
     key, epochs_key = jax.random.split(state['key'])

@@ -6,7 +6,7 @@ import pytest
 from configs.search import get_config
 from mnasnet_jax import controller
 
-CHOICES = (3, 4, 2, 3, 2)
+CHOICES = (3, 4, 1, 3, 2)  # a one-option position too: masked head, never mutated
 BATCH = 8  # one batch size throughout: each new shape is a new compilation
 
 
@@ -65,7 +65,7 @@ def test_same_seed_same_samples(strategy, ppo, evolution):
 def test_ppo_update_raises_the_probability_of_a_rewarded_sequence(ppo):
   state = ppo.init(0)
   tokens, state = ppo.ask(state, BATCH)
-  target = np.array([2, 3, 1, 0, 1], np.int32)
+  target = np.array([2, 3, 0, 0, 1], np.int32)
   assert not (tokens[1:] == target).all(1).any()
   tokens[0] = target
   rewards = np.where(np.arange(len(tokens)) == 0, 1.0, 0.0)
@@ -82,7 +82,7 @@ def test_ppo_update_raises_the_probability_of_a_rewarded_sequence(ppo):
 
 def test_ppo_learns_a_separable_problem(ppo):
   state = ppo.init(3)
-  target = np.array([2, 3, 1, 0, 1])
+  target = np.array([2, 3, 0, 0, 1])
   for _ in range(40):
     tokens, state = ppo.ask(state, BATCH)
     state, metrics = ppo.tell(state, tokens, (tokens == target).mean(1))
@@ -106,22 +106,13 @@ def test_evolution_fills_then_mutates_the_tournament_winner_then_ages(evolution)
   differences = (children != founders[-1]).sum(1)
   assert np.all(differences == 1)
   changed = (children != founders[-1]).any(0)
-  assert changed.all()  # every position gets mutated sometimes
+  np.testing.assert_array_equal(changed, np.array(CHOICES) > 1)  # all that can change, sometimes
   # Aging: the oldest dies first, whatever its reward.
   state, _ = evolution.tell(state, children[:size], -np.ones(size))
   state, _ = evolution.tell(state, children[size:2 * size], np.arange(size) + 10.0)
   population = np.asarray(state['population'])
   np.testing.assert_array_equal(population, children[size:2 * size])
   assert int(state['count']) == 3 * size
-
-
-def test_evolution_mutation_respects_single_option_positions():
-  evolution = make('evolution', choices=(1, 3, 1), evolution={'population_size': 4, 'sample_size': 2})
-  state = evolution.init(0)
-  tokens, state = evolution.ask(state, 4)
-  state, _ = evolution.tell(state, tokens, np.ones(4))
-  children, _ = evolution.ask(state, 4)
-  assert np.all(children[:, [0, 2]] == 0) and set(children[:, 1]) <= {0, 1, 2}
 
 
 def test_random_search_is_uniform():
@@ -137,24 +128,28 @@ def test_random_search_is_uniform():
   np.testing.assert_allclose(metrics['entropy'], sum(np.log(CHOICES)))
 
 
-@pytest.mark.parametrize('strategy', controller.STRATEGIES)
-def test_orbax_round_trip(strategy, ppo, evolution, tmp_path):
-  strategy = {'ppo': ppo, 'evolution': evolution}.get(strategy) or make(strategy)
-  state = strategy.init(5)
-  for _ in range(2):
-    tokens, state = strategy.ask(state, BATCH)
-    state, _ = strategy.tell(state, tokens, (tokens == 0).mean(1))
+def test_orbax_round_trip(ppo, evolution, tmp_path):
+  strategies = {'ppo': ppo, 'evolution': evolution, 'random': make('random')}
+  states = {}
+  for name, strategy in strategies.items():
+    state = strategy.init(5)
+    for _ in range(2):
+      tokens, state = strategy.ask(state, BATCH)
+      state, _ = strategy.tell(state, tokens, (tokens == 0).mean(1))
+    states[name] = state
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(tmp_path / 'state', state)
+  checkpointer.save(tmp_path / 'states', states)
   checkpointer.wait_until_finished()
-  abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, strategy.init(0))
-  restored = checkpointer.restore(tmp_path / 'state', abstract)
-  assert jax.tree_util.tree_structure(restored) == jax.tree_util.tree_structure(state)
-  for a, b in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(state)):
+  abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct,
+                                    {name: s.init(0) for name, s in strategies.items()})
+  restored = checkpointer.restore(tmp_path / 'states', abstract)
+  assert jax.tree_util.tree_structure(restored) == jax.tree_util.tree_structure(states)
+  for a, b in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(states)):
     np.testing.assert_array_equal(a, b)
-  expected, _ = strategy.ask(state, BATCH)
-  got, _ = strategy.ask(restored, BATCH)
-  np.testing.assert_array_equal(got, expected)
+  for name, strategy in strategies.items():
+    expected, _ = strategy.ask(states[name], BATCH)
+    got, _ = strategy.ask(restored[name], BATCH)
+    np.testing.assert_array_equal(got, expected)
 
 
 def test_bad_inputs(ppo):

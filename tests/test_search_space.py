@@ -152,7 +152,7 @@ def test_distinct_layers_and_head_widths_cover_decoded_networks(space):
 def test_decoded_networks_build_and_match_summary(space):
   rng = np.random.default_rng(2)
   x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
-  for tokens in random_tokens(space, rng, 3):
+  for tokens in random_tokens(space, rng, 2):
     arch = space.decode(tokens)
     model = models.create(arch, num_classes=10)
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)

@@ -195,8 +195,8 @@ class Surrogate:
         fronts[new_key] = (acc[keep], macs[keep], None)
         back[new_key] = ([keys[k] for k in key_index[keep]], point[keep], choice[keep])
       history.append(back)
-      logging_sizes = sum(len(f[0]) for f in fronts.values())
-      print(f'  optimum: block {b}: {len(fronts)} states, {logging_sizes} Pareto points', flush=True)
+      points = sum(len(f[0]) for f in fronts.values())
+      print(f'  optimum: block {b}: {len(fronts)} states, {points} Pareto points', flush=True)
     best = (-np.inf, None, None)
     for key, (acc, macs, _) in fronts.items():
       rewards = reward_fn(acc, macs + self.head_macs(key[0]))

@@ -291,6 +291,7 @@ def main(argv):
     for seed in range(_SEEDS.value):
       n, trace, best, seconds, metrics = run(strategy, surrogate, reward_fn, seed, _SAMPLES.value,
                                              batches[name], target)
+      assert best <= optimum + 1e-9, f'{name} found {best} above the optimum {optimum}: a DP bug'
       reached.append(n)
       traces.append(trace)
       finals.append(best)

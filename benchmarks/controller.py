@@ -113,7 +113,7 @@ class Surrogate:
         for j, w in enumerate(widths):
           block = block.replace(in_filters=w)
           layers = blocks.layers([block], w, resolutions[b])
-          macs[c, j] = sum(models._layer_cost(layer)[1] for layer in layers)
+          macs[c, j] = sum(models.layer_cost(layer)[1] for layer in layers)
           out_width[c, j] = block.out_filters if layers else w
           if not layers:
             quality[c, j] = -removal
@@ -135,7 +135,7 @@ class Surrogate:
 
   @staticmethod
   def _block_macs(block, resolution):
-    return sum(models._layer_cost(layer)[1] for layer in blocks.layers([block], block.in_filters,
+    return sum(models.layer_cost(layer)[1] for layer in blocks.layers([block], block.in_filters,
                                                                         resolution))
 
   def head_macs(self, width):

@@ -309,7 +309,7 @@ def create(arch: ArchLike, *, num_classes: int = 1000, depth_multiplier: float =
 
 # --- analytic size ------------------------------------------------------------------------------
 
-def _layer_cost(layer: blocks_lib.Layer) -> tuple[int, int]:
+def layer_cost(layer: blocks_lib.Layer) -> tuple[int, int]:
   """(params, multiply-adds) of one layer; BN counts its scale and offset."""
   out_pixels = layer.out_resolution ** 2
   params = macs = 0
@@ -352,7 +352,7 @@ def summary(arch: ArchLike, depth_multiplier: float = 1.0, resolution: int = 224
   params = 27 * stem + 2 * stem
   macs = stem_res ** 2 * 27 * stem
   for layer in specs:
-    p, m = _layer_cost(layer)
+    p, m = layer_cost(layer)
     params += p
     macs += m
   last_width = specs[-1].out_filters if specs else stem

@@ -171,7 +171,8 @@ class Search:
         mismatch[c] = 1
       known[c], rewards[c] = 1, record['reward']
     if self.process_count > 1:
-      known, rewards, mismatch = multihost_utils.broadcast_one_to_all((known, rewards, mismatch))
+      known, rewards, mismatch = (np.array(x) for x in multihost_utils.broadcast_one_to_all(
+          (known, rewards, mismatch)))
     if np.any(mismatch):
       c = int(np.argmax(mismatch))
       raise history_lib.HistoryError(

@@ -86,6 +86,30 @@ def search_loop_config(local: bool):
   return search
 
 
+def data_and_proxy_config(local: bool):
+  """The paper's proxy task (section 4): 5 epochs on ImageNet train with 50,000 images held out as
+  the validation set that gives ACC(m); locally a few hundred steps on Fashion-MNIST at 32x32.
+  The proxy recipe is configs/train.py's (RMSProp-TF, schedule, L2, label smoothing) cut short."""
+  from configs import train  # pylint: disable=g-import-not-at-top  (launch/main.py puts the repo on sys.path)
+  recipe = train.get_config('local' if local else None)
+  data = recipe.data
+  data.split = 'search'
+  proxy = ml_collections.ConfigDict({k: v for k, v in recipe.items() if k not in (
+      'job', 'arch', 'seed', 'data', 'log_every_steps', 'eval_every_steps',
+      'checkpoint_every_steps', 'checkpoints_to_keep')})
+  if local:
+    proxy.batch_size = 64
+    proxy.num_steps = 100
+    proxy.warmup_epochs = 0.1
+    proxy.ema_decay = 0.0  # too few steps for a moving average to help
+    proxy.dropout_rate = 0.0
+    proxy.eval_examples = 2000  # of the 10,000 held out
+  else:
+    proxy.num_epochs = 5.0
+    proxy.warmup_epochs = 1.0
+  return data, proxy
+
+
 def get_config(arg=None):
   config = ml_collections.ConfigDict()
   config.job = 'search'
@@ -97,5 +121,9 @@ def get_config(arg=None):
   # and classes must be the children's. Profile another with configs/profile_latency.py.
   config.latency = ml_collections.ConfigDict()
   config.latency.table = 'litert_cpu_32.json' if arg == 'local' else 'litert_cpu_224.json'
-  # SECTION latency / data / proxy / search: filled in by the latency, training and search work.
+  config.data, config.proxy = data_and_proxy_config(local=arg == 'local')
+  if arg == 'local':
+    config.search_space.layer_deltas = (-1, 0)  # at most MobileNetV2's depth: compiles within reach
+  elif arg:
+    raise ValueError(f'unknown config argument {arg!r}: expected nothing or "local"')
   return config

@@ -85,8 +85,11 @@ def create_state(model, tx, image_size: int, ema: bool, seed: int) -> TrainState
   variables = jax.jit(model.init)(init_key, jnp.zeros((1, image_size, image_size, 3)))
   params, batch_stats = variables['params'], variables['batch_stats']
   return TrainState(step=jnp.zeros([], jnp.int32), params=params, batch_stats=batch_stats,
-                    opt_state=tx.init(params), ema_params=params if ema else None,
-                    ema_batch_stats=batch_stats if ema else None, rng=jax.random.key_data(rng))
+                    opt_state=tx.init(params),
+                    # Copies: the train step donates the state, and no buffer may be given twice.
+                    ema_params=jax.tree.map(jnp.copy, params) if ema else None,
+                    ema_batch_stats=jax.tree.map(jnp.copy, batch_stats) if ema else None,
+                    rng=jax.random.key_data(rng))
 
 
 def weight_penalty(params, batch_stats):

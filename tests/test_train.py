@@ -1,0 +1,156 @@
+import functools
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from mnasnet_jax import input_pipeline, platform, train
+
+ARCH = ['r1_k3_s11_e1_i32_o16_noskip', 'r1_k3_s22_e3_i16_o24_se0.25', 'r1_k3_s11_e3_i24_o24']
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _train_config(**overrides):
+  spec = importlib.util.spec_from_file_location('train_config', os.path.join(ROOT, 'configs/train.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config('local')
+  config.arch = ','.join(ARCH)
+  config.data = ml_collections.ConfigDict(dict(
+      dataset='synthetic', split='full', image_size=16, num_classes=4, num_train=256, num_eval=64,
+      holdout=32, split_seed=0))
+  config.depth_multiplier = 0.5
+  config.batch_size, config.eval_batch_size = 32, 32
+  config.log_every_steps = config.eval_every_steps = 4
+  config.checkpoint_every_steps = 2
+  config.update(overrides)
+  return config
+
+
+def _setup(config, devices):
+  mesh = platform.data_mesh(devices)
+  model = train.create_model(config, config.arch, 4)
+  tx, schedule = train.create_optimizer(config, steps_per_epoch=8)
+  state = train.create_state(model, tx, 16, bool(config.ema_decay), seed=0)
+  return mesh, model, tx, schedule, state
+
+
+def _batches(n):
+  data = input_pipeline.create(_train_config().data, 'full')
+  return [b for _, b in zip(range(n), data.train_batches(32, seed=0))]
+
+
+def test_shard_map_equals_pmap_and_one_device():
+  config = _train_config(dropout_rate=0.0, ema_decay=0.9, warmup_epochs=0.0)
+  batches = _batches(2)
+  devices = jax.devices()
+  assert len(devices) == 8
+  results = {}
+  for name, devs in (('mesh8', devices), ('mesh1', devices[:1])):
+    mesh, model, tx, schedule, state = _setup(config, devs)
+    train_fn, _ = train._steps(config, model, tx, schedule, mesh)
+    state = train.replicate(state, mesh)
+    for images, labels in batches:
+      state, metrics = train_fn(state, *train.shard_batch(mesh, images, labels))
+    results[name] = jax.device_get((state, metrics))
+  # The same per-device step under jax.pmap.
+  mesh, model, tx, schedule, state = _setup(config, devices)
+  step = functools.partial(train.train_step, model=model, tx=tx, schedule=schedule, config=config)
+  pmapped = jax.pmap(step, axis_name=platform.BATCH_AXIS)
+  state = jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (8,) + np.shape(x)), state)
+  for images, labels in batches:
+    state, metrics = pmapped(state, images.reshape(8, 4, 16, 16, 3), labels.reshape(8, 4))
+  results['pmap'] = jax.device_get(jax.tree.map(lambda x: x[0], (state, metrics)))
+  reference = results['mesh8']
+  assert int(reference[0].step) == 2
+  for name in ('pmap', 'mesh1'):
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=2e-3, atol=2e-5),
+                 results[name], reference)
+  # Training moved the weights, the BN statistics and the average.
+  initial = _setup(config, devices)[4]
+  moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()),
+                       (reference[0].params, reference[0].batch_stats, reference[0].ema_params),
+                       (initial.params, initial.batch_stats, initial.ema_params))
+  assert min(jax.tree.leaves(moved)) > 0
+
+
+def test_weight_penalty_skips_batchnorm_only():
+  config = _train_config()
+  _, _, _, _, state = _setup(config, jax.devices()[:1])
+  flat = jax.tree_util.tree_flatten_with_path(state.params)[0]
+  expected = sum(0.5 * float(jnp.sum(w ** 2)) for path, w in flat
+                 if not str(path[-2].key).endswith('_bn'))
+  assert any(str(path[-2].key).endswith('_bn') for path, _ in flat)
+  np.testing.assert_allclose(float(train.weight_penalty(state.params, state.batch_stats)), expected,
+                             rtol=1e-5)
+
+
+def test_ema_decay_warms_up_like_tf():
+  np.testing.assert_allclose(train.ema_decay_at(0.9999, 0), 0.1)
+  np.testing.assert_allclose(train.ema_decay_at(0.9999, 90), 0.91)
+  np.testing.assert_allclose(train.ema_decay_at(0.9999, 10 ** 7), 0.9999)
+
+
+class _Killed(Exception):
+  pass
+
+
+def test_killed_run_resumes_like_an_uninterrupted_one(tmp_path, monkeypatch):
+  config = _train_config(num_steps=8, num_epochs=0.0)
+  full = train.train_and_evaluate(config, str(tmp_path / 'full'))
+
+  real = input_pipeline.ArrayData.train_batches
+
+  def dies_after_five(self, *args, **kwargs):
+    for i, batch in enumerate(real(self, *args, **kwargs)):
+      if i == 5:
+        raise _Killed()
+      yield batch
+
+  monkeypatch.setattr(input_pipeline.ArrayData, 'train_batches', dies_after_five)
+  with pytest.raises(_Killed):
+    train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  monkeypatch.setattr(input_pipeline.ArrayData, 'train_batches', real)
+  assert sorted(os.listdir(tmp_path / 'resumed' / 'checkpoints'))[-1] == '4'
+  resumed = train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  assert resumed == pytest.approx(full, rel=1e-4)
+
+  import orbax.checkpoint as ocp
+  states = [ocp.CheckpointManager(str(tmp_path / run / 'checkpoints')).restore(8)
+            for run in ('full', 'resumed')]
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-7), *states)
+  assert int(states[0]['step']) == 8 and files_in(tmp_path / 'full', 'events.out.tfevents')
+
+
+def files_in(directory, prefix):
+  return [f for f in os.listdir(directory) if f.startswith(prefix)]
+
+
+def _proxy_config(**overrides):
+  config = _train_config()
+  proxy = ml_collections.ConfigDict({k: config[k] for k in (
+      'batch_size', 'eval_batch_size', 'base_learning_rate', 'warmup_epochs', 'lr_decay_rate',
+      'lr_decay_epochs', 'rmsprop_decay', 'momentum', 'rmsprop_epsilon', 'weight_decay',
+      'label_smoothing', 'dropout_rate', 'depth_multiplier', 'depthwise', 'dtype')})
+  proxy.update(dict(num_steps=30, num_epochs=0.0, ema_decay=0.0, eval_examples=None))
+  proxy.update(overrides)
+  return proxy
+
+
+def test_proxy_train_learns_and_reports():
+  data = input_pipeline.create_proxy_data(_train_config().data)
+  result = train.proxy_train(_proxy_config(), ARCH, data, seed=0, devices=jax.devices()[:2])
+  assert set(result) >= {'accuracy', 'compile_seconds', 'train_seconds', 'steps', 'final_loss'}
+  assert result['steps'] == 30 and result['compile_seconds'] > 0
+  assert result['accuracy'] > 0.6  # 4 classes: chance is 0.25
+
+
+def test_proxy_train_raises_on_divergence():
+  data = input_pipeline.create_proxy_data(_train_config().data)
+  with pytest.raises(train.TrainingDiverged, match='nan'):
+    train.proxy_train(_proxy_config(base_learning_rate=float('nan'), num_steps=2), ARCH, data,
+                      devices=jax.devices()[:1])

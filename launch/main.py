@@ -20,6 +20,7 @@ JOBS = {
     'summary': 'mnasnet_jax.models:print_summary_table',
     'search': 'mnasnet_jax.search:run',
     'profile_latency': 'mnasnet_jax.latency.profiler:run',
+    'train': 'mnasnet_jax.train:run',
 }
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, optionally with ":ARG".',
@@ -63,7 +64,11 @@ def main(argv):
   _initialise_distributed()
   logging.info('config:\n%s', config)
   module, function = JOBS[config.job].split(':')
-  getattr(importlib.import_module(module), function)(config, _WORKDIR.value)
+  from mnasnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  try:
+    getattr(importlib.import_module(module), function)(config, _WORKDIR.value)
+  except input_pipeline.DatasetMissingError as e:  # a setup step, not a bug: no traceback
+    sys.exit(f'error: {e}')
 
 
 if __name__ == '__main__':

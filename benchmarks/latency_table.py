@@ -108,7 +108,8 @@ def main(argv):
     data = json.load(open(table.path))
     data['calibration'].update(
         scale=float(scale), ms_per_mparam=float(per_mparam), offset_ms=float(offset),
-        note=(f'overhead_ms: median invoke of a one-add model; scale, ms_per_mparam, offset_ms: '
+        note=(f'overhead_ms: {timing["statistic"]} invoke of a one-add model; scale, '
+              f'ms_per_mparam, offset_ms: '
               f'relative least squares of whole-model time on (sum - (units - 1) * overhead_ms, '
               f'parameters / 1e6) over {len(fit_archs)} random architectures of the space (seed '
               f'{_SEED.value + 1}), none of them judged in the validation'))

@@ -65,9 +65,12 @@ def num_steps(config, steps_per_epoch: int) -> int:
 
 
 def create_model(config, arch, num_classes: int) -> models.MnasNet:
+  """The model with BN over the global batch; a short proxy run may set a faster BN momentum so
+  the running statistics used for evaluation forget their initial values within its few steps."""
   return models.create(arch, num_classes=num_classes, depth_multiplier=config.depth_multiplier,
                        dropout_rate=config.get('dropout_rate'), depthwise=config.depthwise,
-                       dtype=config.dtype, bn_axis_name=AXIS)
+                       dtype=config.dtype, bn_axis_name=AXIS,
+                       bn_momentum=config.get('bn_momentum') or 0.99)
 
 
 def create_optimizer(config, steps_per_epoch: int):

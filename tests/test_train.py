@@ -10,7 +10,7 @@ import pytest
 
 from mnasnet_jax import input_pipeline, platform, train
 
-ARCH = ['r1_k3_s11_e1_i32_o16_noskip', 'r1_k3_s22_e3_i16_o24_se0.25', 'r1_k3_s11_e3_i24_o24']
+ARCH = ['r1_k3_s11_e1_i32_o16_noskip', 'r1_k3_s22_e3_i16_o24_se0.25']
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -31,11 +31,12 @@ def _train_config(**overrides):
   return config
 
 
-def _setup(config, devices):
+def _setup(config, devices, state=None):
   mesh = platform.data_mesh(devices)
   model = train.create_model(config, config.arch, 4)
   tx, schedule = train.create_optimizer(config, steps_per_epoch=8)
-  state = train.create_state(model, tx, 16, bool(config.ema_decay), seed=0)
+  if state is None:
+    state = jax.device_get(train.create_state(model, tx, 16, bool(config.ema_decay), seed=0))
   return mesh, model, tx, schedule, state
 
 
@@ -50,15 +51,16 @@ def test_shard_map_equals_pmap_and_one_device():
   devices = jax.devices()
   assert len(devices) == 8
   results = {}
+  initial = _setup(config, devices)[4]
   for name, devs in (('mesh8', devices), ('mesh1', devices[:1])):
-    mesh, model, tx, schedule, state = _setup(config, devs)
+    mesh, model, tx, schedule, state = _setup(config, devs, initial)
     train_fn, _ = train._steps(config, model, tx, schedule, mesh)
     state = train.replicate(state, mesh)
     for images, labels in batches:
       state, metrics = train_fn(state, *train.shard_batch(mesh, images, labels))
     results[name] = jax.device_get((state, metrics))
   # The same per-device step under jax.pmap.
-  mesh, model, tx, schedule, state = _setup(config, devices)
+  mesh, model, tx, schedule, state = _setup(config, devices, initial)
   step = functools.partial(train.train_step, model=model, tx=tx, schedule=schedule, config=config)
   pmapped = jax.pmap(step, axis_name=platform.BATCH_AXIS)
   state = jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (8,) + np.shape(x)), state)
@@ -71,7 +73,6 @@ def test_shard_map_equals_pmap_and_one_device():
     jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=2e-3, atol=2e-5),
                  results[name], reference)
   # Training moved the weights, the BN statistics and the average.
-  initial = _setup(config, devices)[4]
   moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()),
                        (reference[0].params, reference[0].batch_stats, reference[0].ema_params),
                        (initial.params, initial.batch_stats, initial.ema_params))
@@ -136,7 +137,8 @@ def _proxy_config(**overrides):
       'batch_size', 'eval_batch_size', 'base_learning_rate', 'warmup_epochs', 'lr_decay_rate',
       'lr_decay_epochs', 'rmsprop_decay', 'momentum', 'rmsprop_epsilon', 'weight_decay',
       'label_smoothing', 'dropout_rate', 'depth_multiplier', 'depthwise', 'dtype')})
-  proxy.update(dict(num_steps=30, num_epochs=0.0, ema_decay=0.0, eval_examples=None))
+  proxy.update(dict(num_steps=30, num_epochs=0.0, ema_decay=0.0, eval_examples=None,
+                    bn_momentum=0.8))
   proxy.update(overrides)
   return proxy
 

@@ -266,6 +266,8 @@ def profile(config, workdir: str) -> table_lib.LatencyTable:
   units = profile_units(space, tuple(config.architectures), config.resolution, config.num_classes)
   units[OVERHEAD_KEY] = (overhead_tflite, 1)
   backend = create_backend(config)
+  if config.statistic not in ('min', 'median', 'mean'):
+    raise ValueError(f'unknown statistic {config.statistic!r}: expected "min", "median" or "mean"')
   statistic = f'{config.statistic}_ms'
   journal = os.path.join(workdir, f'{os.path.splitext(config.table_name)[0]}.journal.jsonl')
   done = read_journal(journal)

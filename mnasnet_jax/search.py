@@ -8,7 +8,9 @@ their rewards and checkpoints the new state with Orbax as step s+1. Each child r
 same command restores the last checkpoint, asks again (the strategy's randomness lives in its state,
 so it samples the same children), reuses the results the history already holds for that step and
 evaluates only the rest: nothing recorded is lost or recorded twice, and the sequence of children is
-that of an uninterrupted run.
+that of an uninterrupted run. (Exactly so when proxy training is bit-for-bit repeatable: the child cut
+short by the kill is trained again, and cross-device sums on several CPU devices may add in another
+order, which can move its accuracy by an example and so the later samples.)
 
 Across hosts every process runs this same loop. The children of a step that still need evaluating are
 dealt out round-robin; each process trains its share on its own local devices; the outcomes are

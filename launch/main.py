@@ -21,6 +21,7 @@ JOBS = {
     'search': 'mnasnet_jax.search:run',
     'profile_latency': 'mnasnet_jax.latency.profiler:run',
     'train': 'mnasnet_jax.train:run',
+    'export': 'mnasnet_jax.latency.export:run',
 }
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, optionally with ":ARG".',

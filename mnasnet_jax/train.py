@@ -331,3 +331,19 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 def run(config, workdir):
   """launch/main.py's 'train' job."""
   train_and_evaluate(config, workdir)
+
+
+def restore_variables(workdir: str, use_ema: bool = True) -> dict:
+  """The Flax variables ({'params', 'batch_stats'}) of a 'train' job's latest checkpoint; its EMA
+  weights and statistics when it keeps them and `use_ema`."""
+  import orbax.checkpoint as ocp
+  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  manager = ocp.CheckpointManager(directory)
+  step = manager.latest_step()
+  if step is None:
+    raise FileNotFoundError(f'no training checkpoint in {directory}: run configs/train.py with '
+                            f'--workdir={workdir} first')
+  state = manager.restore(step, args=ocp.args.StandardRestore())
+  ema = use_ema and state.get('ema_params') is not None
+  return {'params': state['ema_params' if ema else 'params'],
+          'batch_stats': state['ema_batch_stats' if ema else 'batch_stats']}

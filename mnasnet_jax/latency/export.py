@@ -155,18 +155,19 @@ def _write(path, content: bytes) -> str:
   return path
 
 
-def _model(arch, num_classes):
-  return models.create(arch, num_classes=num_classes, depthwise='native', dtype='float32')
+def _model(arch, num_classes, depth_multiplier=1.0):
+  return models.create(arch, num_classes=num_classes, depth_multiplier=depth_multiplier,
+                       depthwise='native', dtype='float32')
 
 
 def export_tflite(arch, path, resolution: int = 224, num_classes: int = 1000, params=None,
-                  seed: int = 0) -> str:
+                  seed: int = 0, depth_multiplier: float = 1.0) -> str:
   """Writes `arch` (a name or block strings) as a TFLite model of input [1, res, res, 3].
 
   `params`: the Flax variables ({'params', 'batch_stats'}) of `models.create(arch, ...)`; None
   draws random ones (enough for latency). Returns the path.
   """
-  model = _model(arch, num_classes)
+  model = _model(arch, num_classes, depth_multiplier)
   shape = (1, resolution, resolution, 3)
   variables = random_variables(model, shape, seed) if params is None else params
   folded = fold_batchnorm(variables, model.bn_epsilon)
@@ -247,3 +248,18 @@ def head_tflite(in_filters: int, resolution: int, num_classes: int, seed: int = 
   """The head as the model has it: 1x1 conv to 1280 + ReLU, global mean, classifier."""
   params = random_params(head_param_shapes(in_filters, num_classes), seed)
   return to_tflite(functools.partial(head_forward, params), (1, resolution, resolution, in_filters))
+
+
+def run(config, workdir):
+  """launch/main.py's 'export' job: DIR/model.tflite from random or trained weights."""
+  from mnasnet_jax import train  # pylint: disable=g-import-not-at-top  (training is optional here)
+  if not workdir:
+    raise ValueError('the export job needs --workdir for the .tflite file')
+  variables = None
+  if config.checkpoint_dir:
+    variables = train.restore_variables(config.checkpoint_dir, use_ema=config.use_ema)
+  path = export_tflite(config.arch, os.path.join(workdir, config.filename), config.resolution,
+                       config.num_classes, params=variables,
+                       depth_multiplier=config.depth_multiplier)
+  print(f'wrote {path} ({os.path.getsize(path) / 1e6:.2f} MB, '
+        f'{"trained" if variables else "random"} weights)')

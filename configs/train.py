@@ -18,6 +18,7 @@ def data_config(dataset: str, image_size: int) -> ml_collections.ConfigDict:
   data.split_seed = 0
   data.data_dir = config_dict.placeholder(str)    # TFDS data_dir, or the Fashion-MNIST IDX dir
   data.manual_dir = config_dict.placeholder(str)  # where the ImageNet archives were downloaded
+  data.download = False            # fashion_mnist without its IDX files: let TFDS download it
   data.shuffle_buffer = 16_384
   return data
 

@@ -8,7 +8,8 @@ Two splits of every dataset:
 
 Datasets: ImageNet (TFDS `imagenet2012` built from the manually downloaded archives; tf.data with
 the Inception crop for training and the center crop for evaluation), Fashion-MNIST (its IDX files, by
-default where Debian's `dataset-fashion-mnist` puts them), scikit-learn's 8x8 digits, and synthetic
+default where Debian's `dataset-fashion-mnist` puts them, or TFDS's download when
+`config.download` is set), scikit-learn's 8x8 digits, and synthetic
 class-dependent images for tests. Each process reads its own shard; batches are this process's part
 of the global batch, which `train.py` lays out over the devices.
 """
@@ -71,7 +72,8 @@ def create(config, split: str, process_index: int = 0, process_count: int = 1) -
   if config.dataset == 'imagenet2012':
     return ImageNet(config, split, process_index, process_count)
   if config.dataset == 'fashion_mnist':
-    (train_x, train_y), (test_x, test_y) = load_fashion_mnist(config.get('data_dir'))
+    (train_x, train_y), (test_x, test_y) = load_fashion_mnist(config.get('data_dir'),
+                                                               config.get('download', False))
   elif config.dataset == 'digits':
     train_x, train_y, test_x, test_y = load_digits(config.get('test_size', 360), config.split_seed)
   elif config.dataset == 'synthetic':
@@ -187,22 +189,38 @@ def read_idx(path: str) -> np.ndarray:
   return array.reshape(shape)
 
 
-def load_fashion_mnist(data_dir: str | None = None):
-  """((train images, labels), (test images, labels)) from the four IDX files."""
-  data_dir = data_dir or FASHION_MNIST_DIR
+def load_fashion_mnist(data_dir: str | None = None, download: bool = False):
+  """((train images, labels), (test images, labels)) from the four IDX files in `data_dir` (by
+  default Debian's); where they are missing and `download` is set, from TFDS, which downloads them
+  once into its own data_dir (`data_dir` then, or ~/tensorflow_datasets). Without `download` no
+  network is ever tried, so an offline machine gets the how-to message at once."""
+  idx_dir = data_dir or FASHION_MNIST_DIR
   parts = []
   for prefix in ('train', 't10k'):
-    paths = [os.path.join(data_dir, f'{prefix}-{kind}-idx{n}-ubyte') for kind, n in
+    paths = [os.path.join(idx_dir, f'{prefix}-{kind}-idx{n}-ubyte') for kind, n in
              (('images', 3), ('labels', 1))]
     paths = [p if os.path.exists(p) else p + '.gz' for p in paths]
     missing = [p for p in paths if not os.path.exists(p)]
+    if missing and download:
+      return _fashion_mnist_from_tfds(data_dir)
     if missing:
       raise DatasetMissingError(
-          f'Fashion-MNIST is not in {data_dir} (missing {", ".join(missing)}). Install it with '
-          '`sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or download the four '
-          '*-ubyte.gz files from https://github.com/zalandoresearch/fashion-mnist into a directory '
-          'and pass --config.data.data_dir=DIR.')
+          f'Fashion-MNIST is not in {idx_dir} (missing {", ".join(missing)}). Install it with '
+          '`sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu), pass '
+          '--config.data.download=True to let TFDS download it, or put the four *-ubyte.gz files '
+          'from https://github.com/zalandoresearch/fashion-mnist in a directory and pass '
+          '--config.data.data_dir=DIR.')
     parts.append((read_idx(paths[0]), read_idx(paths[1]).astype(np.int32)))
+  return tuple(parts)
+
+
+def _fashion_mnist_from_tfds(data_dir: str | None):
+  import tensorflow_datasets as tfds
+  parts = []
+  for split in ('train', 'test'):
+    arrays = tfds.as_numpy(tfds.load('fashion_mnist', split=split, batch_size=-1,
+                                     data_dir=data_dir, download=True))
+    parts.append((arrays['image'][..., 0], arrays['label'].astype(np.int32)))
   return tuple(parts)
 
 

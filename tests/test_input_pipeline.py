@@ -93,6 +93,17 @@ def test_missing_dataset_says_how_to_get_it(tmp_path):
     input_pipeline.create_proxy_data(cfg)
 
 
+def test_fashion_mnist_through_tfds_only_when_asked(tmp_path):
+  import tensorflow_datasets as tfds
+  with pytest.raises(input_pipeline.DatasetMissingError, match='download=True'):
+    input_pipeline.load_fashion_mnist(str(tmp_path))  # no network tried
+  with tfds.testing.mock_data(num_examples=12):
+    (train_x, train_y), (test_x, test_y) = input_pipeline.load_fashion_mnist(str(tmp_path),
+                                                                             download=True)
+  assert train_x.shape == test_x.shape == (12, 28, 28) and train_x.dtype == np.uint8
+  assert train_y.dtype == np.int32 and 0 <= train_y.min() and train_y.max() < 10
+
+
 def test_imagenet_split_arithmetic():
   assert input_pipeline.imagenet_splits('search', 50_000) == (
       'train[50000:]', 'train[:50000]', 1_231_167, 50_000)

@@ -9,9 +9,11 @@
 #   launch/tpu.sh delete                 # delete the TPU VM
 #
 # Settings come from the environment: TPU_NAME, ZONE, ACCELERATOR_TYPE (v4-8 is one host, v4-32 a
-# pod slice of 4), RUNTIME_VERSION, CONFIG (default configs/search.py), WORKDIR (a gs:// path that
-# every worker can reach), and GCLOUD (the gcloud binary). On Cloud TPU, jax.distributed finds the
-# other workers by itself: no coordinator flags are needed.
+# pod slice of 4), RUNTIME_VERSION, CONFIG (default configs/search.py), WORKDIR and GCLOUD (the gcloud
+# binary). WORKDIR is a directory at the same path on every worker: a Cloud Storage bucket mounted
+# with gcsfuse, or a Filestore (NFS) share. Not a gs:// URL: the search appends every child to
+# history.jsonl and syncs it to disk at once, which an object store cannot do. On Cloud TPU,
+# jax.distributed finds the other workers by itself: no coordinator flags are needed.
 set -euo pipefail
 
 TPU_NAME=${TPU_NAME:?set TPU_NAME}
@@ -36,7 +38,11 @@ case "$command" in
     tpu scp --recurse "$here" "$TPU_NAME:~/$REMOTE_DIR" --worker=all
     on_workers all "cd ~/$REMOTE_DIR && pip install -r requirements.txt 'jax[tpu]==0.10.2' && pip install -e . --no-deps" ;;
   run)
-    WORKDIR=${WORKDIR:?set WORKDIR to a gs:// path all workers share}
+    WORKDIR=${WORKDIR:?set WORKDIR to a directory every worker shares (a gcsfuse mount or NFS)}
+    case "$WORKDIR" in
+      *://*) echo "WORKDIR=$WORKDIR: expected a mounted directory (gcsfuse or NFS), not a URL" >&2
+             exit 2 ;;
+    esac
     on_workers all "cd ~/$REMOTE_DIR && nohup python3 launch/main.py --config=$CONFIG --workdir=$WORKDIR $* > ~/$LOG 2>&1 &" ;;
   logs)
     on_workers "${1:-0}" "tail -n 100 -f ~/$LOG" ;;

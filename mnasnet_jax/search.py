@@ -328,6 +328,11 @@ def run(config, workdir: str):
   """The 'search' job. The dataset is checked first, so a missing one fails before any work."""
   if not workdir:
     raise SystemExit('error: the search needs --workdir=DIR (history, checkpoints and report)')
+  if '://' in workdir:
+    raise SystemExit(f'error: --workdir={workdir}: expected a directory, not a URL. The search '
+                     'appends each child to history.jsonl and syncs it to disk at once, which an '
+                     'object store cannot do; on a pod slice mount the bucket with gcsfuse (or use '
+                     'NFS) at the same path on every host and pass that path.')
   try:
     data = input_pipeline.create_proxy_data(config.data, process_index=0, process_count=1)
   except input_pipeline.DatasetMissingError as e:

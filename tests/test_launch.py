@@ -29,20 +29,10 @@ def test_unknown_config_key_is_one_clear_line():
   assert 'Traceback' not in result.stderr
 
 
-@pytest.fixture
-def fake_gcloud(tmp_path):
-  """A stand-in gcloud that records each call's arguments, one per line."""
-  record = tmp_path / 'calls'
-  script = tmp_path / 'gcloud'
-  script.write_text(f'#!/usr/bin/env bash\nprintf "%s|" "$@" >> {record}\necho >> {record}\n')
-  script.chmod(0o755)
-  return script, record
-
-
 def tpu(fake, *args, **env):
   script, record = fake
   settings = {'GCLOUD': str(script), 'TPU_NAME': 'nas', 'ZONE': 'us-central2-b',
-              'WORKDIR': 'gs://bucket/search', **env}
+              'WORKDIR': '/mnt/gcs/search', **env}
   result = run('bash', 'launch/tpu.sh', *args, env=settings)
   assert result.returncode == 0, result.stderr
   return [line.rstrip('|').split('|') for line in record.read_text().splitlines()]
@@ -54,7 +44,7 @@ def test_tpu_script_runs_the_same_command_on_every_worker(fake_gcloud):
   assert call[:5] == ['compute', 'tpus', 'tpu-vm', 'ssh', 'nas']
   assert '--worker=all' in call and '--zone=us-central2-b' in call
   command = next(a for a in call if a.startswith('--command='))
-  assert ('python3 launch/main.py --config=configs/search.py --workdir=gs://bucket/search '
+  assert ('python3 launch/main.py --config=configs/search.py --workdir=/mnt/gcs/search '
           '--config.search.num_children=64') in command
 
 
@@ -65,6 +55,13 @@ def test_tpu_script_life_cycle(fake_gcloud):
   assert '--worker=0' in calls[-1]
   calls = tpu(fake_gcloud, 'delete')
   assert calls[-1][3:5] == ['delete', 'nas']
+
+
+def test_tpu_script_refuses_a_url_workdir(fake_gcloud):
+  script, _ = fake_gcloud
+  result = run('bash', 'launch/tpu.sh', 'run', env={'GCLOUD': str(script), 'TPU_NAME': 'nas',
+                                                     'ZONE': 'z', 'WORKDIR': 'gs://bucket/search'})
+  assert result.returncode != 0 and 'not a URL' in result.stderr
 
 
 def test_tpu_script_needs_its_settings():

@@ -194,6 +194,13 @@ class DepthwiseConv(nn.Module):
 
 # --- layers ---------------------------------------------------------------------------------------
 
+def pool_to_stride(x, stride: int):
+  """The pooling skip's downsampling: the mean of each stride x stride window (padding not counted)."""
+  if stride == 1:
+    return x
+  return nn.avg_pool(x, (stride, stride), (stride, stride), padding='SAME', count_include_pad=False)
+
+
 class SqueezeExcite(nn.Module):
   """Spatial mean, 1x1 reduce (with bias) + ReLU, 1x1 expand (with bias) + sigmoid, rescale."""
 
@@ -241,10 +248,7 @@ class MnasLayer(nn.Module):
       x = conv(spec.out_filters, (1, 1), name='project')(x)
       x = norm(name='project_bn')(x)
     if spec.residual:
-      shortcut = inputs
-      if spec.stride > 1:
-        shortcut = nn.avg_pool(shortcut, (spec.stride, spec.stride), (spec.stride, spec.stride),
-                               padding='SAME', count_include_pad=False)
+      shortcut = pool_to_stride(inputs, spec.stride)
       if spec.projects_shortcut:
         shortcut = conv(spec.out_filters, (1, 1), name='shortcut')(shortcut)
         shortcut = norm(name='shortcut_bn')(shortcut)

@@ -100,10 +100,7 @@ def layer_forward(spec: blocks_lib.Layer, p, x):
   if spec.op != 'conv':
     x = _conv(x, p['project'])
   if spec.residual:
-    shortcut = inputs
-    if spec.stride > 1:
-      shortcut = nn.avg_pool(shortcut, (spec.stride, spec.stride), (spec.stride, spec.stride),
-                             padding='SAME', count_include_pad=False)
+    shortcut = models.pool_to_stride(inputs, spec.stride)
     if spec.projects_shortcut:
       shortcut = _conv(shortcut, p['shortcut'])
     x = x + shortcut

@@ -31,10 +31,12 @@ def get_config(arg=None):
   config.num_classes = 10 if local else 1000
   config.table_name = f'litert_cpu_{config.resolution}.json'
   config.backend = 'litert'  # or 'adb' (a phone; see config.adb)
-  # Timed invokes per unit after untimed warm-up ones; the table records these. Units at 32 px take
-  # tens of microseconds, so more repeats cost little there.
-  config.warmup = 20 if local else 5
-  config.repeats = 200 if local else 30
+  # Each unit is timed in `instances` fresh interpreters, each `repeats` timed invokes after `warmup`
+  # untimed ones; the table records these. Fresh interpreters are what make a minimum repeatable (see
+  # LiteRTBackend). Units at 32 px take tens of microseconds, so more repeats cost little there.
+  config.instances = 5
+  config.warmup = 10 if local else 3
+  config.repeats = 40 if local else 10
   config.num_threads = 1  # a phone's single big core
   # Each entry's statistic over the repeats: 'min', 'median' (litert only), 'mean'. The minimum is the
   # one that adds up to whole networks on a shared machine (see mnasnet_jax/latency/profiler.py).

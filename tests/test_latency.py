@@ -1,10 +1,6 @@
 import collections
 import functools
 import json
-import os
-import stat
-import sys
-import textwrap
 
 import flax.linen as nn
 import jax
@@ -135,7 +131,8 @@ def tiny_profile_config(**changes):
   space.skip_ops, space.filter_multipliers, space.layer_deltas = ('identity',), (1.0,), (0,)
   fields = dict(
       job='profile_latency', search_space=space, architectures=(), resolution=16, num_classes=10,
-      table_name='tiny.json', backend='litert', warmup=1, repeats=3, num_threads=1, statistic='min',
+      table_name='tiny.json', backend='litert', instances=2, warmup=1, repeats=3, num_threads=1,
+      statistic='min',
       log_every_seconds=0.0,
       adb=dict(binary='adb', serial='', device_dir='/data/local/tmp/m', benchmark_binary='/bm',
                cpu_mask='f0'))
@@ -153,9 +150,10 @@ def test_profiler_covers_the_space_resumes_and_predicts_sums(tmp_path, monkeypat
   # Every distinct layer of the space, one stem, one head per reaching width, the overhead unit.
   keys = {table_lib.layer_key(l) for l in space.distinct_layers(16)}
   assert set(entries) == keys | {'stem_o32_r16', 'head_i320_r1_c10', profiler.OVERHEAD_KEY}
-  assert all(r['count'] == 3 and 0 < r['min_ms'] <= r['median_ms'] for r in records)
+  assert all(r['count'] == 2 * 3 and 0 < r['min_ms'] <= r['median_ms'] for r in records)
   loaded = latency.LatencyTable.load(tmp_path / 'tiny.json')
-  assert loaded.metadata['timing']['repeats'] == 3 and loaded.device['num_threads'] == 1
+  assert loaded.metadata['timing']['repeats'] == 3 and loaded.metadata['timing']['instances'] == 2
+  assert loaded.device['num_threads'] == 1
   assert loaded.metadata['versions']['litert-converter'] == '0.5.0'
   for tokens in ([0] * 6, [1] + [0] * 5):
     arch = space.decode(tokens)
@@ -183,52 +181,14 @@ def test_journal_ignores_a_torn_last_line_only(tmp_path):
     profiler.read_journal(str(path))
 
 
-BENCHMARK_OUTPUT = """\
-STARTING!
-Graph: [/data/local/tmp/m/unit.tflite]
-The input model file size (MB): 0.01
-Initialized session in 3.1ms.
-Running benchmark for at least 2 iterations and at least 0 seconds but terminate if exceeding 150 seconds.
-count=2 first=900 curr=700 min=700 max=900 avg=800 std=100
-Running benchmark for at least 5 iterations and at least 0 seconds but terminate if exceeding 150 seconds.
-count=5 first=610 curr=590 min=580 max=620 avg=600.5 std=14
-Inference timings in us: Init: 3100, First inference: 900, Warmup (avg): 800, Inference (avg): 600.5
-"""
-
-
-def fake_adb(tmp_path, monkeypatch):
-  """A stand-in `adb` on PATH: logs its arguments, keeps pushed files, answers like a phone."""
-  log, phone = tmp_path / 'adb.log', tmp_path / 'phone'
-  phone.mkdir()
-  script = tmp_path / 'bin' / 'adb'
-  script.parent.mkdir()
-  script.write_text(textwrap.dedent(f"""\
-      #!{sys.executable}
-      import json, shutil, sys
-      args = sys.argv[1:]
-      open({str(log)!r}, 'a').write(json.dumps(args) + '\\n')
-      if args[:2] == ['-s', 'PHONE1']:
-        args = args[2:]
-      if args[0] == 'push':
-        shutil.copy(args[1], {str(phone)!r} + '/' + args[2].rsplit('/', 1)[1])
-      elif args[0] == 'shell' and args[1].startswith('getprop'):
-        print({{'ro.product.manufacturer': 'Google', 'ro.product.model': 'Pixel 1'}}.get(
-            args[1].split()[1], 'x'))
-      elif args[0] == 'shell' and '--graph=' in args[1]:
-        sys.stdout.write({BENCHMARK_OUTPUT!r})
-      """))
-  script.chmod(script.stat().st_mode | stat.S_IEXEC)
-  monkeypatch.setenv('PATH', f'{script.parent}{os.pathsep}{os.environ["PATH"]}')
-  return log, phone
-
-
-def test_adb_backend_pushes_pins_and_parses(tmp_path, monkeypatch):
-  log, phone = fake_adb(tmp_path, monkeypatch)
+def test_adb_backend_pushes_pins_and_parses(fake_adb):
+  log, phone = fake_adb
   backend = profiler.AdbBackend(warmup=2, repeats=5, serial='PHONE1', device_dir='/data/local/tmp/m',
-                                benchmark_binary='/data/local/tmp/benchmark_model', cpu_mask='f0')
+                                benchmark_binary='/data/local/tmp/benchmark_model', cpu_mask='f0',
+                                instances=2)
   content = export.stem_tflite(8, 16)
-  entry = backend.time(content, 'unit')
-  assert entry == {'mean_ms': 0.6005, 'std_ms': 0.014, 'min_ms': 0.58, 'count': 5}
+  entry = backend.time(content, 'unit')  # two runs of benchmark_model, pooled
+  assert entry == pytest.approx({'mean_ms': 0.6005, 'std_ms': 0.014, 'min_ms': 0.58, 'count': 10})
   assert (phone / 'unit.tflite').read_bytes() == content  # the model reached the phone intact
   calls = [json.loads(line) for line in log.read_text().splitlines()]
   assert all(c[:2] == ['-s', 'PHONE1'] for c in calls)
@@ -237,12 +197,21 @@ def test_adb_backend_pushes_pins_and_parses(tmp_path, monkeypatch):
   assert bench[:3] == ['taskset', 'f0', '/data/local/tmp/benchmark_model']
   assert {'--graph=/data/local/tmp/m/unit.tflite', '--num_threads=1', '--warmup_runs=2',
           '--num_runs=5'} <= set(bench)
-  assert calls[3][2:] == ['shell', 'rm -f /data/local/tmp/m/unit.tflite']
+  assert calls[3] == calls[2]
+  assert calls[4][2:] == ['shell', 'rm -f /data/local/tmp/m/unit.tflite']
   assert backend.device()['name'] == 'Google Pixel 1'
 
 
-def test_adb_profile_job_and_failures(tmp_path, monkeypatch):
-  fake_adb(tmp_path, monkeypatch)
+def test_pooled_runs_equal_the_statistics_of_all_samples():
+  rng = np.random.default_rng(0)
+  runs = [rng.normal(1.0 + i, 0.1 * (i + 1), 5 + i) for i in range(3)]
+  stats = [{'mean_ms': r.mean(), 'std_ms': r.std(), 'min_ms': r.min(), 'count': r.size} for r in runs]
+  every = np.concatenate(runs)
+  assert profiler.pool_runs(stats) == pytest.approx(
+      {'mean_ms': every.mean(), 'std_ms': every.std(), 'min_ms': every.min(), 'count': every.size})
+
+
+def test_adb_profile_job_and_failures(tmp_path, monkeypatch, fake_adb):
   config = tiny_profile_config(backend='adb', search_space=None,
                                architectures=('r1_k3_s11_e1_i32_o16_noskip,r1_k3_s22_e3_i16_o24',))
   table = profiler.profile(config, str(tmp_path / 'work'))
@@ -262,10 +231,7 @@ def test_adb_profile_job_and_failures(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize('name, arg', [('litert_cpu_32.json', 'local'), ('litert_cpu_224.json', None)])
 def test_shipped_tables_cover_the_space_and_named_models(name, arg):
-  try:
-    table = latency.LatencyTable.load(name)
-  except FileNotFoundError:
-    pytest.skip(f'{name} not profiled yet')
+  table = latency.LatencyTable.load(name)
   space = search_space.SearchSpace(search_config(arg).search_space)
   assert (table.resolution, table.num_classes) == ((32, 10) if arg else (224, 1000))
   missing = {table_lib.layer_key(l) for l in space.distinct_layers(table.resolution)} - set(

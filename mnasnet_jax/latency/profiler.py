@@ -8,7 +8,7 @@ the heads of every width that can reach them. Each is exported alone as a small 
 weights: float latency does not depend on their values) and timed on a backend:
 
 * `litert`: the ai-edge-litert interpreter on this machine, `num_threads` threads (1: a phone's one big
-  core), `warmup` untimed invokes then `repeats` timed ones;
+  core), in `instances` fresh interpreters, each `warmup` untimed invokes then `repeats` timed ones;
 * `adb`: the same file pushed to an Android phone and timed by TFLite's `benchmark_model` pinned with
   `taskset` to `cpu_mask` (a big core), one thread (its output gives mean, std and min, no median).
   No phone was at hand when this was written: its command plumbing is tested against a stand-in
@@ -58,13 +58,25 @@ def _timing_stats(seconds) -> dict:
 
 # --- backends ----------------------------------------------------------------------------------
 
-class LiteRTBackend:
-  """Times a model with the ai-edge-litert interpreter (XNNPACK) in this process."""
+def _check_counts(warmup: int, repeats: int, instances: int):
+  if repeats < 1 or warmup < 0 or instances < 1:
+    raise ValueError(f'expected repeats >= 1, warmup >= 0 and instances >= 1, got {repeats}, '
+                     f'{warmup} and {instances}')
 
-  def __init__(self, warmup: int, repeats: int, num_threads: int = 1):
-    if repeats < 1 or warmup < 0:
-      raise ValueError(f'expected repeats >= 1 and warmup >= 0, got {repeats} and {warmup}')
+
+class LiteRTBackend:
+  """Times a model with the ai-edge-litert interpreter (XNNPACK) in this process.
+
+  Each of `instances` fresh interpreters runs `warmup` untimed and `repeats` timed invokes, and the
+  statistics pool all of them. Instances matter more than repeats: on this machine one model's
+  minimum over 30 invokes differed by up to 40% between interpreters (where their buffers land in
+  memory), while it barely moved within one.
+  """
+
+  def __init__(self, warmup: int, repeats: int, num_threads: int = 1, instances: int = 1):
+    _check_counts(warmup, repeats, instances)
     self.warmup, self.repeats, self.num_threads = warmup, repeats, num_threads
+    self.instances = instances
 
   def device(self) -> dict:
     name = host_platform.processor() or host_platform.machine()
@@ -89,14 +101,15 @@ class LiteRTBackend:
 
   def time(self, content: bytes, name: str) -> dict:
     del name
-    interpreter = self.interpreter(content)
-    for _ in range(self.warmup):
-      interpreter.invoke()
     seconds = []
-    for _ in range(self.repeats):
-      start = time.perf_counter()
-      interpreter.invoke()
-      seconds.append(time.perf_counter() - start)
+    for _ in range(self.instances):
+      interpreter = self.interpreter(content)
+      for _ in range(self.warmup):
+        interpreter.invoke()
+      for _ in range(self.repeats):
+        start = time.perf_counter()
+        interpreter.invoke()
+        seconds.append(time.perf_counter() - start)
     return _timing_stats(seconds)
 
 
@@ -115,16 +128,29 @@ def parse_benchmark_model(output: str) -> dict:
           'min_ms': float(min_us) / 1e3, 'count': int(count)}
 
 
+def pool_runs(runs: list[dict]) -> dict:
+  """The statistics of several runs' timings together, from each run's count, mean, std and min."""
+  counts = np.array([r['count'] for r in runs], np.float64)
+  means = np.array([r['mean_ms'] for r in runs])
+  mean = float(np.sum(counts * means) / counts.sum())
+  second_moment = np.sum(counts * (np.square([r['std_ms'] for r in runs]) + means ** 2)) / counts.sum()
+  return {'mean_ms': mean, 'std_ms': float(np.sqrt(max(second_moment - mean ** 2, 0.0))),
+          'min_ms': min(r['min_ms'] for r in runs), 'count': int(counts.sum())}
+
+
 class AdbBackend:
   """Times a model on an Android phone over adb with TFLite's `benchmark_model`, one thread, pinned
-  by `taskset` to a big core. The phone needs the benchmark binary at `benchmark_binary` (see the
-  TFLite performance-measurement docs); `cpu_mask` is hex, e.g. 'f0' for cores 4-7."""
+  by `taskset` to a big core, `instances` times (each run a fresh interpreter). The phone needs the
+  benchmark binary at `benchmark_binary` (see the TFLite performance-measurement docs); `cpu_mask`
+  is hex, e.g. 'f0' for cores 4-7."""
 
   def __init__(self, warmup: int, repeats: int, num_threads: int = 1, adb: str = 'adb',
                serial: str | None = None, device_dir: str = '/data/local/tmp/mnasnet_latency',
                benchmark_binary: str = '/data/local/tmp/benchmark_model', cpu_mask: str = 'f0',
-               timeout: float = 600.0):
+               timeout: float = 600.0, instances: int = 1):
+    _check_counts(warmup, repeats, instances)
     self.warmup, self.repeats, self.num_threads = warmup, repeats, num_threads
+    self.instances = instances
     self.adb, self.serial, self.device_dir = adb, serial, device_dir
     self.benchmark_binary, self.cpu_mask, self.timeout = benchmark_binary, cpu_mask, timeout
     self._ready = False
@@ -161,23 +187,25 @@ class AdbBackend:
       with open(local, 'wb') as f:
         f.write(content)
       self._run('push', local, remote)
+    command = ' '.join([
+        'taskset', self.cpu_mask, shlex.quote(self.benchmark_binary), f'--graph={shlex.quote(remote)}',
+        f'--num_threads={self.num_threads}', f'--warmup_runs={self.warmup}',
+        f'--num_runs={self.repeats}', '--warmup_min_secs=0', '--min_secs=0', '--use_xnnpack=true'])
     try:
-      output = self.shell(' '.join([
-          'taskset', self.cpu_mask, shlex.quote(self.benchmark_binary), f'--graph={shlex.quote(remote)}',
-          f'--num_threads={self.num_threads}', f'--warmup_runs={self.warmup}',
-          f'--num_runs={self.repeats}', '--warmup_min_secs=0', '--min_secs=0', '--use_xnnpack=true']))
+      runs = [parse_benchmark_model(self.shell(command)) for _ in range(self.instances)]
     finally:
       self.shell(f'rm -f {shlex.quote(remote)}')
-    return parse_benchmark_model(output)
+    return pool_runs(runs)
 
 
 def create_backend(config):
   if config.backend == 'litert':
-    return LiteRTBackend(config.warmup, config.repeats, config.num_threads)
+    return LiteRTBackend(config.warmup, config.repeats, config.num_threads, config.instances)
   if config.backend == 'adb':
     return AdbBackend(config.warmup, config.repeats, config.num_threads, adb=config.adb.binary,
                       serial=config.adb.serial or None, device_dir=config.adb.device_dir,
-                      benchmark_binary=config.adb.benchmark_binary, cpu_mask=config.adb.cpu_mask)
+                      benchmark_binary=config.adb.benchmark_binary, cpu_mask=config.adb.cpu_mask,
+                      instances=config.instances)
   raise ValueError(f'unknown latency backend {config.backend!r}: expected "litert" or "adb"')
 
 
@@ -306,7 +334,8 @@ def profile(config, workdir: str) -> table_lib.LatencyTable:
       entries, resolution=config.resolution, num_classes=config.num_classes,
       backend=config.backend, device=backend.device(),
       versions=library_versions(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
-      timing={'statistic': config.statistic, 'warmup': config.warmup, 'repeats': config.repeats,
+      timing={'statistic': config.statistic, 'instances': config.instances,
+              'warmup': config.warmup, 'repeats': config.repeats,
               'num_threads': config.num_threads, 'unit': 'one TFLite model per entry, timed alone'},
       search_space=config.search_space.to_dict() if space else None,
       architectures=list(config.architectures),

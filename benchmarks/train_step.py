@@ -1,13 +1,15 @@
 """Throughput of a full training step (forward, backward, RMSProp-TF update) and batch-1 latency.
 
     python benchmarks/train_step.py --arch=mnasnet_a1 --batch=16 --resolution=224 [--depthwise=both]
+                                    [--proxy=mobilenet_v2]
 
 Uses the project's own data-parallel train step (`train.train_step` under jit(shard_map)) on one
-device with the recipe of configs/train.py. The last line printed is one JSON object.
+device with the recipe of configs/train.py. `--proxy` also proxy-trains that child as the local
+search does (`configs/search.py:local`, Fashion-MNIST) and splits its time into compile, training
+and evaluation. The last line printed is one JSON object.
 """
 
 import functools
-import importlib.util
 import json
 import os
 import sys
@@ -22,6 +24,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from configs import search as search_config  # noqa: E402
+from configs import train as train_config  # noqa: E402
+from mnasnet_jax import input_pipeline  # noqa: E402
 from mnasnet_jax import platform  # noqa: E402
 from mnasnet_jax import train  # noqa: E402
 
@@ -33,19 +38,11 @@ _DEPTHWISE = flags.DEFINE_enum('depthwise', 'both', ['both', 'auto', 'native', '
                                'Depthwise-conv form(s) to measure.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed training steps.')
 _INFER_RUNS = flags.DEFINE_integer('infer_runs', 30, 'Timed batch-1 inference runs.')
-
-
-def recipe():
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
-                      'train.py')
-  spec = importlib.util.spec_from_file_location('train_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+_PROXY = flags.DEFINE_string('proxy', '', 'A child to proxy-train as the local search does ("": none).')
 
 
 def measure(form: str) -> dict:
-  config = recipe()
+  config = train_config.get_config()
   config.depthwise = form
   model = train.create_model(config, _ARCH.value, _CLASSES.value)
   tx, schedule = train.create_optimizer(config, steps_per_epoch=1000)
@@ -98,9 +95,18 @@ def main(argv):
           f'batch-1 inference {r["infer_ms"]} ms', flush=True)
   default = platform.depthwise_form(_DEPTHWISE.value if _DEPTHWISE.value != 'both' else 'auto')
   best = results.get(default) or next(iter(results.values()))
-  print(json.dumps({'arch': _ARCH.value, 'batch': _BATCH.value, 'resolution': _RESOLUTION.value,
-                    'backend': jax.default_backend(), 'devices': jax.device_count(), **best,
-                    'forms': results}))
+  report = {'arch': _ARCH.value, 'batch': _BATCH.value, 'resolution': _RESOLUTION.value,
+            'backend': jax.default_backend(), 'devices': jax.device_count(), **best,
+            'forms': results}
+  if _PROXY.value:
+    config = search_config.get_config('local')
+    proxy = train.proxy_train(config.proxy, _PROXY.value,
+                              input_pipeline.create_proxy_data(config.data))
+    print(f'proxy child {_PROXY.value}: compile {proxy["compile_seconds"]:.1f} s, train '
+          f'{proxy["train_seconds"]:.1f} s ({proxy["steps"]} steps), eval '
+          f'{proxy["eval_seconds"]:.1f} s, held-out top-1 {proxy["accuracy"]:.3f}', flush=True)
+    report['proxy'] = dict(proxy, arch=_PROXY.value)
+  print(json.dumps(report))
 
 
 if __name__ == '__main__':

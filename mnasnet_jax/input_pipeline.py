@@ -215,12 +215,14 @@ def load_fashion_mnist(data_dir: str | None = None, download: bool = False):
 
 
 def _fashion_mnist_from_tfds(data_dir: str | None):
+  """Through `tfds.data_source`, which reads without TensorFlow."""
   import tensorflow_datasets as tfds
   parts = []
   for split in ('train', 'test'):
-    arrays = tfds.as_numpy(tfds.load('fashion_mnist', split=split, batch_size=-1,
-                                     data_dir=data_dir, download=True))
-    parts.append((arrays['image'][..., 0], arrays['label'].astype(np.int32)))
+    source = tfds.data_source('fashion_mnist', split=split, data_dir=data_dir, download=True)
+    examples = [source[i] for i in range(len(source))]
+    parts.append((np.stack([e['image'][..., 0] for e in examples]).astype(np.uint8),
+                  np.array([e['label'] for e in examples], np.int32)))
   return tuple(parts)
 
 

@@ -79,6 +79,27 @@ def test_shard_map_equals_pmap_and_one_device():
   assert min(jax.tree.leaves(moved)) > 0
 
 
+def test_recalibrated_statistics_are_the_batches_own_on_8_devices():
+  config = _train_config()
+  mesh, model, tx, schedule, state = _setup(config, jax.devices())
+  batches = _batches(3)
+  stats_fn = train.data_parallel(functools.partial(train.batch_stats_step,
+                                                   model=model.clone(bn_momentum=0.0)), mesh, 1)
+  recalibrated = train.recalibrate_batch_stats(stats_fn, train.replicate(state, mesh), iter(batches),
+                                               3, mesh, use_ema=False)
+  # By hand, for the stem's BN: each whole batch's mean and (biased) variance of the stem conv's
+  # output, averaged over the three batches.
+  kernel = state.params['stem']['kernel']
+  outputs = [jax.lax.conv_general_dilated(images, kernel, (2, 2), 'SAME',
+                                          dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+             for images, _ in batches]
+  stem = jax.device_get(recalibrated.batch_stats['stem_bn'])
+  np.testing.assert_allclose(stem['mean'], np.mean([o.mean((0, 1, 2)) for o in outputs], 0),
+                             rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(stem['var'], np.mean([o.var((0, 1, 2)) for o in outputs], 0),
+                             rtol=1e-3, atol=1e-5)
+
+
 def test_weight_penalty_skips_batchnorm_only():
   config = _train_config()
   _, _, _, _, state = _setup(config, jax.devices()[:1])
@@ -138,7 +159,7 @@ def _proxy_config(**overrides):
       'lr_decay_epochs', 'rmsprop_decay', 'momentum', 'rmsprop_epsilon', 'weight_decay',
       'label_smoothing', 'dropout_rate', 'depth_multiplier', 'depthwise', 'dtype')})
   proxy.update(dict(num_steps=30, num_epochs=0.0, ema_decay=0.0, eval_examples=None,
-                    bn_momentum=0.8))
+                    bn_momentum=0.8, bn_recalibration_batches=2))
   proxy.update(overrides)
   return proxy
 

@@ -1,0 +1,118 @@
+"""Every command the README shows, run as a user would run it, made small where it would take long.
+
+The commands are read from the README's bash blocks, so the README cannot drift from what works:
+a new command without an entry in SMALL below fails here until it is given one. The set-up commands
+(apt-get, pip) and the test command are what .ci/run runs; everything else runs here, in README
+order, with its /tmp paths moved into the test's own directory. `gcloud` and `adb` are the stand-ins
+of conftest.py.
+"""
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEST_COMMAND = ['python3', '-m', 'pytest', '-q', 'tests']
+
+# Arguments appended to a command (later flags win) so it runs in seconds; keyed by what it runs.
+SMALL = {
+    'configs/search.py:local': ['--config.search.num_children=1', '--config.search.children_per_step=1',
+                                '--config.proxy.num_steps=2', '--config.proxy.eval_examples=100',
+                                '--config.proxy.bn_recalibration_batches=1'],
+    'configs/train.py:local': ['--config.num_steps=2', '--config.eval_every_steps=2',
+                               '--config.eval_examples=100', '--config.checkpoint_every_steps=2'],
+    'configs/export.py:local': [],
+    'configs/models.py': [],
+    # A phone's table of the fixed MobileNetV2 network alone, at 32 px.
+    'configs/profile_latency.py': ['--config.resolution=32', '--config.num_classes=10',
+                                   '--config.search_space.searched_blocks=()',
+                                   "--config.architectures=('mobilenet_v2',)"],
+    'benchmarks/train_step.py': ['--arch=mnasnet_small', '--batch=2', '--resolution=32', '--steps=1',
+                                 '--infer_runs=1', '--depthwise=auto'],
+    'benchmarks/controller.py': ['--samples=64', '--seeds=1'],
+    'benchmarks/latency_table.py': ['--table=litert_cpu_32.json', '--num_random=2', '--batch=2000'],
+}
+# Commands that need ImageNet: without it each must stop at once with the how-to, no traceback.
+NEEDS_IMAGENET = ('configs/search.py', 'configs/train.py')
+
+
+def readme_commands():
+  """argv of each shell command of the README's bash blocks, `&&` chains split, in order."""
+  text = open(os.path.join(ROOT, 'README.md')).read()
+  commands = []
+  for block in re.findall(r'```bash\n(.*?)```', text, re.S):
+    for line in block.replace('\\\n', ' ').splitlines():
+      if not line.strip() or line.lstrip().startswith('#'):
+        continue
+      argv = []
+      for token in shlex.split(line) + ['&&']:
+        if token == '&&':
+          commands.append(argv)
+          argv = []
+        else:
+          argv.append(token)
+  return commands
+
+
+def what_it_runs(argv):
+  """The SMALL / NEEDS_IMAGENET key of a python command: its config or script."""
+  config = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+  return config or argv[1]
+
+
+def test_setup_and_test_commands_are_what_ci_runs():
+  ci = open(os.path.join(ROOT, '.ci', 'run')).read()
+  ci_commands = [shlex.split(l) for l in ci.splitlines() if l.strip() and not l.lstrip().startswith('#')]
+  setup = [c for c in readme_commands() if c[0] in ('apt-get', 'pip')]
+  assert len(setup) == 4
+  for command in setup:
+    assert command in ci_commands, f'.ci/run does not run the README\'s {shlex.join(command)!r}'
+  assert TEST_COMMAND in readme_commands()
+  assert ci_commands[-1] == TEST_COMMAND  # the last thing CI does is the README's test command
+
+
+def test_every_readme_command_runs(tmp_path, fake_adb, fake_gcloud):
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
+  gcloud, gcloud_log = fake_gcloud
+  env['PATH'] = f'{gcloud.parent}{os.pathsep}{env["PATH"]}'
+  env['GCLOUD'] = str(gcloud)
+  ran = []
+  for argv in readme_commands():
+    command = shlex.join(argv)
+    argv = [a.replace('/tmp/', f'{tmp_path}/') for a in argv]
+    if argv[0] in ('apt-get', 'pip') or argv == TEST_COMMAND:
+      continue  # .ci/run's part: see above
+    if argv[0] == 'export':
+      env.update(a.split('=', 1) for a in argv[1:])
+      continue
+    if argv[0] == 'python':
+      key = what_it_runs(argv)
+      if key in NEEDS_IMAGENET:
+        argv += [f'--config.data.data_dir={tmp_path}/tfds', f'--config.data.manual_dir={tmp_path}/m']
+      elif key in SMALL:
+        argv += SMALL[key]
+      else:
+        pytest.fail(f'README command {command!r} has no small form in SMALL')
+      argv[0] = sys.executable
+    elif argv[0] not in ('launch/tpu.sh', 'gcloud'):
+      pytest.fail(f'README command {command!r}: this test does not know how to run it')
+    result = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    ran.append(argv[0])
+    if argv[0] == sys.executable and what_it_runs(argv) in NEEDS_IMAGENET:
+      assert result.returncode != 0 and 'imagenet2012' in result.stderr, command
+      assert 'Traceback' not in result.stderr, result.stderr[-2000:]
+    else:
+      assert result.returncode == 0, f'{command}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}'
+  assert ran.count(sys.executable) >= 10
+  # What the README says `tpu.sh run` runs is what the script runs (up to its log redirection).
+  calls = [line.rstrip('|').split('|') for line in gcloud_log.read_text().splitlines()]
+  run_call = next(c for c in calls if any('nohup' in a for a in c))
+  shown = calls[-1]  # the README's gcloud command comes after the script's life cycle
+  flags = lambda call: {a for a in call if a.startswith('--') and not a.startswith('--command=')}
+  assert shown[:5] == run_call[:5] and flags(shown) == flags(run_call) >= {'--worker=all'}
+  shown_command = next(a for a in shown if a.startswith('--command='))
+  assert shown_command.split('--config=')[1] in next(a for a in run_call if a.startswith('--command='))

@@ -13,6 +13,7 @@ import os
 from typing import Sequence
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -66,7 +67,9 @@ def plot_pareto(records: Sequence[dict], target_ms: float, path: str, title: str
     points = ax.scatter(lat, acc, c=steps, cmap='viridis', s=22, alpha=0.8, edgecolors='none',
                         label='sampled child', zorder=2)
     if steps.max() > steps.min():
-      fig.colorbar(points, ax=ax, label='controller step')
+      bar = fig.colorbar(points, ax=ax, label='controller step')
+      bar.locator = matplotlib.ticker.MaxNLocator(integer=True)
+      bar.update_ticks()
     front = front_records(ok)
     flat = [r['latency_ms'] for r in front]
     facc = [r['accuracy'] * 100 for r in front]
@@ -86,7 +89,7 @@ def plot_pareto(records: Sequence[dict], target_ms: float, path: str, title: str
   ax.set_xlabel('latency from the lookup table (ms)')
   ax.set_ylabel('held-out top-1 accuracy (%)')
   ax.grid(True, alpha=0.3)
-  ax.legend(loc='lower right', fontsize=8, framealpha=0.9)
+  ax.legend(loc='best', fontsize=8, framealpha=0.9)  # where it hides the fewest children
   fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)

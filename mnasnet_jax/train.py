@@ -66,8 +66,8 @@ def num_steps(config, steps_per_epoch: int) -> int:
 
 
 def create_model(config, arch, num_classes: int) -> models.MnasNet:
-  """The model with BN over the global batch; a short proxy run may set a faster BN momentum so
-  the running statistics used for evaluation forget their initial values within its few steps."""
+  """The model with BN over the global batch, at `config.bn_momentum` when set (0.99 otherwise).
+  A short proxy run re-estimates its statistics after training instead (`recalibrate_batch_stats`)."""
   return models.create(arch, num_classes=num_classes, depth_multiplier=config.depth_multiplier,
                        dropout_rate=config.get('dropout_rate'), depthwise=config.depthwise,
                        dtype=config.dtype, bn_axis_name=AXIS,

@@ -1,7 +1,7 @@
 """Throughput of a full training step (forward, backward, RMSProp-TF update) and batch-1 latency.
 
-    python benchmarks/train_step.py --arch=mnasnet_a1 --batch=16 --resolution=224 [--depthwise=both]
-                                    [--proxy=mobilenet_v2]
+    python benchmarks/train_step.py --arch=mnasnet_a1 --batch=16 --resolution=224 [--depthwise=all]
+                                    [--conv=auto] [--proxy=mobilenet_v2]
 
 Uses the project's own data-parallel train step (`train.train_step` under jit(shard_map)) on one
 device with the recipe of configs/train.py. `--proxy` also proxy-trains that child as the local
@@ -26,6 +26,7 @@ import numpy as np  # noqa: E402
 
 from configs import search as search_config  # noqa: E402
 from configs import train as train_config  # noqa: E402
+from mnasnet_jax import allocator  # noqa: E402
 from mnasnet_jax import input_pipeline  # noqa: E402
 from mnasnet_jax import platform  # noqa: E402
 from mnasnet_jax import train  # noqa: E402
@@ -34,8 +35,10 @@ _ARCH = flags.DEFINE_string('arch', 'mnasnet_a1', 'Named architecture or comma-s
 _BATCH = flags.DEFINE_integer('batch', 16, 'Training batch size.')
 _RESOLUTION = flags.DEFINE_integer('resolution', 224, 'Input resolution.')
 _CLASSES = flags.DEFINE_integer('num_classes', 1000, 'Number of classes.')
-_DEPTHWISE = flags.DEFINE_enum('depthwise', 'both', ['both', 'auto', 'native', 'shifted'],
+_DEPTHWISE = flags.DEFINE_enum('depthwise', 'all', ['all', 'auto', *platform.DEPTHWISE_FORMS],
                                'Depthwise-conv form(s) to measure.')
+_CONV = flags.DEFINE_enum('conv', 'auto', ['auto', 'native', 'matmul'],
+                          'Form of the regular (stem, 1x1) convs.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed training steps.')
 _INFER_RUNS = flags.DEFINE_integer('infer_runs', 30, 'Timed batch-1 inference runs.')
 _PROXY = flags.DEFINE_string('proxy', '', 'A child to proxy-train as the local search does ("": none).')
@@ -44,6 +47,7 @@ _PROXY = flags.DEFINE_string('proxy', '', 'A child to proxy-train as the local s
 def measure(form: str) -> dict:
   config = train_config.get_config()
   config.depthwise = form
+  config.conv = _CONV.value
   model = train.create_model(config, _ARCH.value, _CLASSES.value)
   tx, schedule = train.create_optimizer(config, steps_per_epoch=1000)
   mesh = platform.data_mesh(jax.local_devices()[:1])
@@ -78,22 +82,24 @@ def measure(form: str) -> dict:
     start = time.perf_counter()
     jax.block_until_ready(infer(variables, one))
     times.append(time.perf_counter() - start)
-  return {'depthwise': model.depthwise, 'compile_seconds': round(compile_seconds, 2),
+  return {'depthwise': model.depthwise, 'conv': model.conv,
+          'compile_seconds': round(compile_seconds, 2),
           'train_images_per_sec': round(_BATCH.value / step_seconds, 2),
           'infer_ms': round(1000 * float(np.median(times)), 2)}
 
 
 def main(argv):
   del argv
-  forms = ['native', 'shifted'] if _DEPTHWISE.value == 'both' else [_DEPTHWISE.value]
+  forms = list(platform.DEPTHWISE_FORMS) if _DEPTHWISE.value == 'all' else [_DEPTHWISE.value]
   results = {}
   for form in forms:
     results[form] = measure(form)
     r = results[form]
-    print(f'{_ARCH.value} {_RESOLUTION.value}px batch {_BATCH.value}, depthwise {r["depthwise"]}: '
+    print(f'{_ARCH.value} {_RESOLUTION.value}px batch {_BATCH.value}, depthwise {r["depthwise"]}, '
+          f'convs {r["conv"]}: '
           f'{r["train_images_per_sec"]} train images/s, compile {r["compile_seconds"]} s, '
           f'batch-1 inference {r["infer_ms"]} ms', flush=True)
-  default = platform.depthwise_form(_DEPTHWISE.value if _DEPTHWISE.value != 'both' else 'auto')
+  default = platform.depthwise_form(_DEPTHWISE.value if _DEPTHWISE.value != 'all' else 'auto')
   best = results.get(default) or next(iter(results.values()))
   report = {'arch': _ARCH.value, 'batch': _BATCH.value, 'resolution': _RESOLUTION.value,
             'backend': jax.default_backend(), 'devices': jax.device_count(), **best,
@@ -110,4 +116,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  allocator.use_tcmalloc()
   app.run(main)

@@ -46,7 +46,8 @@ def get_config(arg=None):
   config.ema_decay = 0.9999              # 0 turns the moving average (and its evaluation) off
   config.dropout_rate = 0.2
   config.depth_multiplier = 1.0
-  config.depthwise = 'auto'              # native grouped conv on TPU/GPU, shifted on CPU
+  config.depthwise = 'auto'              # grouped conv on TPU/GPU, compiled C++ kernels on CPU
+  config.conv = 'auto'                   # other convs: conv op on TPU/GPU, matrix product on CPU
   config.dtype = 'auto'                  # bfloat16 on TPU
 
   # Operations.

@@ -73,4 +73,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  from mnasnet_jax import allocator  # pylint: disable=g-import-not-at-top
+  allocator.use_tcmalloc()
   app.run(main, flags_parser=parse_flags)

@@ -172,6 +172,12 @@ def same_output_size(size: int, stride: int) -> int:
   return -(-size // stride)
 
 
+def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+  """TensorFlow's 'SAME' padding (before, after) of one spatial axis; the odd pixel goes after."""
+  total = max((same_output_size(size, stride) - 1) * stride + kernel - size, 0)
+  return total // 2, total - total // 2
+
+
 @dataclasses.dataclass(frozen=True)
 class Layer:
   """One layer as it runs: the widths the tensors really have and its input resolution.

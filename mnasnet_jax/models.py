@@ -18,7 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from mnasnet_jax import batch_norm
 from mnasnet_jax import blocks as blocks_lib
+from mnasnet_jax import depthwise_cpu
 from mnasnet_jax import platform
 
 HEAD_FILTERS = 1280
@@ -98,12 +100,7 @@ def dense_kernel_init(key, shape, dtype=jnp.float32):
   return jax.random.uniform(key, shape, dtype, -limit, limit)
 
 
-# --- depthwise convolution in its two forms ------------------------------------------------------
-
-def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
-  total = max((blocks_lib.same_output_size(size, stride) - 1) * stride + kernel - size, 0)
-  return total // 2, total - total // 2
-
+# --- depthwise convolution in its three forms ----------------------------------------------------
 
 def depthwise_native(x, kernel, stride: int):
   """The grouped convolution: XLA's native depthwise op, fast on TPU/GPU, what TFLite exports."""
@@ -131,13 +128,14 @@ def _shifted_sum(padded, kernel, stride: int, out_h: int, out_w: int):
 
 
 def _pad_same(x, kernel_size: int, stride: int):
-  pads = [_same_padding(size, kernel_size, stride) for size in x.shape[1:3]]
+  pads = [blocks_lib.same_padding(size, kernel_size, stride) for size in x.shape[1:3]]
   return jnp.pad(x, ((0, 0), *pads, (0, 0))), pads
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def depthwise_shifted(x, kernel, stride: int):
-  """The same convolution as k*k strided slices times per-channel weights: fast on XLA:CPU.
+  """The same convolution as k*k strided slices times per-channel weights, in XLA alone: the CPU
+  fallback when the compiled kernels cannot be built, and the CPU form for bfloat16.
 
   Its gradient is written by hand as the same kind of shifted sums (XLA's own transpose of the
   strided slices compiles slowly and runs no faster).
@@ -157,7 +155,11 @@ def _depthwise_shifted_bwd(stride, residuals, grad):
   padded, ((top, _), (left, _)) = _pad_same(x, k, stride)
   out_h, out_w = grad.shape[1:3]
   windows = _windows(padded, k, stride, out_h, out_w)
-  grad_kernel = jnp.stack([jnp.sum(w * grad, axis=(0, 1, 2)) for w in windows])
+  # One variadic reduction for all k*k taps: a single pass over the input and gradient. (A sum per
+  # tap becomes a library dot on XLA:CPU that needs each tap's window written out whole.)
+  products = [w * grad for w in windows]
+  grad_kernel = jnp.stack(lax.reduce(products, [jnp.zeros((), grad.dtype)] * len(products),
+                                     lambda xs, ys: [a + b for a, b in zip(xs, ys)], (0, 1, 2)))
   # The input gradient is a full correlation of the stride-dilated output gradient with the
   # flipped kernel, over the padded input's extent, cropped back to the unpadded input.
   dilated = lax.pad(grad, jnp.zeros((), grad.dtype),
@@ -173,11 +175,12 @@ def _depthwise_shifted_bwd(stride, residuals, grad):
 depthwise_shifted.defvjp(_depthwise_shifted_fwd, _depthwise_shifted_bwd)
 
 
-DEPTHWISE = {'native': depthwise_native, 'shifted': depthwise_shifted}
+DEPTHWISE = {'native': depthwise_native, 'shifted': depthwise_shifted,
+             'kernel': depthwise_cpu.depthwise}
 
 
 class DepthwiseConv(nn.Module):
-  """k x k depthwise conv, no bias; both forms share one kernel of shape (k, k, 1, C)."""
+  """k x k depthwise conv, no bias; every form shares one kernel of shape (k, k, 1, C)."""
 
   kernel_size: int
   stride: int
@@ -190,6 +193,56 @@ class DepthwiseConv(nn.Module):
                         (self.kernel_size, self.kernel_size, 1, x.shape[-1]), jnp.float32)
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
     return DEPTHWISE[self.form](x, kernel, self.stride)
+
+
+# --- regular convolution in its two forms -------------------------------------------------------
+
+def conv_native(x, kernel, stride: int):
+  """XLA's conv op: what TPU/GPU compilers and TFLite know best."""
+  return lax.conv_general_dilated(x, kernel, (stride, stride), 'SAME',
+                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+def conv_matmul(x, kernel, stride: int):
+  """The same conv as one (pixels, k*k*C) x (k*k*C, O) matrix product over the k*k windows (for 1x1
+  stride 1 the input itself). XLA:CPU runs a conv's weight gradient as a conv with an image-sized
+  window, tens of times slower than this product's."""
+  k, _, c, features = kernel.shape
+  if k == 1 and stride == 1:
+    patches = x
+  else:
+    padded, _ = _pad_same(x, k, stride)
+    out_h, out_w = (blocks_lib.same_output_size(s, stride) for s in x.shape[1:3])
+    patches = jnp.concatenate(_windows(padded, k, stride, out_h, out_w), axis=-1)
+  n, h, w, depth = patches.shape
+  return jnp.dot(patches.reshape(n * h * w, depth), kernel.reshape(k * k * c, features)).reshape(
+      n, h, w, features)
+
+
+CONV = {'native': conv_native, 'matmul': conv_matmul}
+
+
+class Conv(nn.Module):
+  """k x k conv, 'SAME' padding; both forms share nn.Conv's variables: a (k, k, C, O) kernel, a
+  bias."""
+
+  features: int
+  kernel_size: int
+  form: str
+  stride: int = 1
+  use_bias: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param('kernel', conv_kernel_init,
+                        (self.kernel_size, self.kernel_size, x.shape[-1], self.features),
+                        jnp.float32)
+    y = CONV[self.form](x.astype(self.dtype), kernel.astype(self.dtype), self.stride)
+    if self.use_bias:
+      y = y + self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32).astype(
+          self.dtype)
+    return y
 
 
 # --- layers ---------------------------------------------------------------------------------------
@@ -205,12 +258,12 @@ class SqueezeExcite(nn.Module):
   """Spatial mean, 1x1 reduce (with bias) + ReLU, 1x1 expand (with bias) + sigmoid, rescale."""
 
   reduced: int
+  conv: str
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    conv = functools.partial(nn.Conv, kernel_size=(1, 1), kernel_init=conv_kernel_init,
-                             dtype=self.dtype)
+    conv = functools.partial(Conv, kernel_size=1, form=self.conv, use_bias=True, dtype=self.dtype)
     s = jnp.mean(x, axis=(1, 2), keepdims=True)
     s = nn.relu(conv(self.reduced, name='reduce')(s))
     s = nn.sigmoid(conv(x.shape[-1], name='expand')(s))
@@ -223,34 +276,36 @@ class MnasLayer(nn.Module):
   spec: blocks_lib.Layer
   norm: Any
   depthwise: str
+  conv: str
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool):
     spec = self.spec
-    conv = functools.partial(nn.Conv, use_bias=False, padding='SAME', kernel_init=conv_kernel_init,
-                             dtype=self.dtype)
+    conv = functools.partial(Conv, form=self.conv, dtype=self.dtype)
+    pointwise = functools.partial(conv, kernel_size=1)
     norm = functools.partial(self.norm, use_running_average=not train)
+    se = functools.partial(SqueezeExcite, spec.se_filters, self.conv, self.dtype, name='se')
     inputs = x
     if spec.op == 'conv':
-      x = conv(spec.out_filters, (spec.kernel, spec.kernel), spec.stride, name='conv')(x)
+      x = conv(spec.out_filters, spec.kernel, stride=spec.stride, name='conv')(x)
       x = nn.relu(norm(name='conv_bn')(x))
       if spec.se_filters:
-        x = SqueezeExcite(spec.se_filters, self.dtype, name='se')(x)
+        x = se()(x)
     else:
       if spec.expand != 1:
-        x = conv(spec.hidden_filters, (1, 1), name='expand')(x)
+        x = pointwise(spec.hidden_filters, name='expand')(x)
         x = nn.relu(norm(name='expand_bn')(x))
       x = DepthwiseConv(spec.kernel, spec.stride, self.depthwise, self.dtype, name='depthwise')(x)
       x = nn.relu(norm(name='depthwise_bn')(x))
       if spec.se_filters:
-        x = SqueezeExcite(spec.se_filters, self.dtype, name='se')(x)
-      x = conv(spec.out_filters, (1, 1), name='project')(x)
+        x = se()(x)
+      x = pointwise(spec.out_filters, name='project')(x)
       x = norm(name='project_bn')(x)
     if spec.residual:
       shortcut = pool_to_stride(inputs, spec.stride)
       if spec.projects_shortcut:
-        shortcut = conv(spec.out_filters, (1, 1), name='shortcut')(shortcut)
+        shortcut = pointwise(spec.out_filters, name='shortcut')(shortcut)
         shortcut = norm(name='shortcut_bn')(shortcut)
       x = x + shortcut
     return x
@@ -268,6 +323,7 @@ class MnasNet(nn.Module):
   bn_momentum: float = 0.99
   bn_epsilon: float = 1e-3
   depthwise: str = 'native'
+  conv: str = 'native'
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
 
@@ -280,17 +336,17 @@ class MnasNet(nn.Module):
   def __call__(self, images, train: bool = False):
     if images.ndim != 4 or images.shape[1] != images.shape[2]:
       raise ValueError(f'expected square NHWC images, got shape {images.shape}')
-    norm = functools.partial(nn.BatchNorm, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
-                             dtype=self.dtype, axis_name=self.bn_axis_name)
-    conv = functools.partial(nn.Conv, use_bias=False, padding='SAME', kernel_init=conv_kernel_init,
-                             dtype=self.dtype)
+    norm = functools.partial(batch_norm.BatchNorm, momentum=self.bn_momentum,
+                             epsilon=self.bn_epsilon, dtype=self.dtype, axis_name=self.bn_axis_name)
+    conv = functools.partial(Conv, form=self.conv, dtype=self.dtype)
     x = images.astype(self.dtype)
     stem = blocks_lib.round_filters(self.stem_filters, self.depth_multiplier)
-    x = conv(stem, (3, 3), 2, name='stem')(x)
+    x = conv(stem, 3, stride=2, name='stem')(x)
     x = nn.relu(norm(use_running_average=not train, name='stem_bn')(x))
     for i, spec in enumerate(self.layer_specs(images.shape[1])):
-      x = MnasLayer(spec, norm, self.depthwise, self.dtype, name=f'layer_{i}')(x, train)
-    x = conv(self.head_filters, (1, 1), name='head')(x)
+      x = MnasLayer(spec, norm, self.depthwise, self.conv, self.dtype, name=f'layer_{i}')(
+          x, train)
+    x = conv(self.head_filters, 1, name='head')(x)
     x = nn.relu(norm(use_running_average=not train, name='head_bn')(x))
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
@@ -300,15 +356,17 @@ class MnasNet(nn.Module):
 
 
 def create(arch: ArchLike, *, num_classes: int = 1000, depth_multiplier: float = 1.0,
-           dropout_rate: float | None = None, depthwise: str = 'auto', dtype: str = 'auto',
-           **kwargs) -> MnasNet:
+           dropout_rate: float | None = None, depthwise: str = 'auto', conv: str = 'auto',
+           dtype: str = 'auto', **kwargs) -> MnasNet:
   """The model of a named architecture or block strings; device choices come from `platform`."""
   spec = architecture(arch)
+  dtype = platform.compute_dtype(dtype)
   return MnasNet(
       blocks=spec.blocks, num_classes=num_classes, stem_filters=spec.stem_filters,
       depth_multiplier=depth_multiplier,
       dropout_rate=spec.dropout_rate if dropout_rate is None else dropout_rate,
-      depthwise=platform.depthwise_form(depthwise), dtype=platform.compute_dtype(dtype), **kwargs)
+      depthwise=platform.depthwise_form(depthwise, dtype=dtype), conv=platform.conv_form(conv),
+      dtype=dtype, **kwargs)
 
 
 # --- analytic size ------------------------------------------------------------------------------

@@ -70,7 +70,7 @@ def create_model(config, arch, num_classes: int) -> models.MnasNet:
   A short proxy run re-estimates its statistics after training instead (`recalibrate_batch_stats`)."""
   return models.create(arch, num_classes=num_classes, depth_multiplier=config.depth_multiplier,
                        dropout_rate=config.get('dropout_rate'), depthwise=config.depthwise,
-                       dtype=config.dtype, bn_axis_name=AXIS,
+                       conv=config.conv, dtype=config.dtype, bn_axis_name=AXIS,
                        bn_momentum=config.get('bn_momentum') or 0.99)
 
 

@@ -58,7 +58,8 @@ def test_tflite_equals_jax_model(tmp_path):
 def test_profiled_layers_have_the_folded_flax_layers_shapes():
   # The profiler draws folded parameters directly (no Flax init per layer): the same tree and shapes.
   for spec in blocks.layers(ARCH, 32, 16):
-    module = models.MnasLayer(spec, functools.partial(nn.BatchNorm, epsilon=1e-3), 'native')
+    module = models.MnasLayer(spec, functools.partial(nn.BatchNorm, epsilon=1e-3), 'native',
+                              'native')
     variables = export.random_variables(module, (1, 16, 16, spec.in_filters), train=False)
     assert (jax.tree_util.tree_map(np.shape, export.fold_batchnorm(variables))
             == jax.tree_util.tree_map(np.shape, export.random_params(export.layer_param_shapes(spec))))

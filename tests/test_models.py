@@ -1,8 +1,11 @@
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mnasnet_jax import depthwise_cpu
 from mnasnet_jax import models
 
 # Official counts (REFERENCE.md section 3); B1 at other multipliers are torchvision's mnasnet0_5,
@@ -61,9 +64,10 @@ def test_macs_against_xla_cost_analysis(arch):
 
 def test_output_shapes_and_dtypes():
   model = models.create('mnasnet_a1', num_classes=10)
+  # The variables do not depend on the resolution: one init serves both.
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.ones((1, 32, 32, 3)))
   for size in (224, 32):
     x = jnp.ones((2, size, size, 3))
-    variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
     logits = jax.jit(model.apply)(variables, x)
     assert logits.shape == (2, 10) and logits.dtype == jnp.float32
     assert np.all(np.isfinite(logits))
@@ -111,33 +115,80 @@ def test_bad_architecture_names():
     models.create(['r1_k3_s11_e1_i32_o16', 'r1_kx_s11_e1_i16_o16'])
 
 
-@pytest.mark.parametrize('kernel, stride, size', [(3, 1, 9), (3, 2, 8), (5, 2, 11), (7, 1, 7)])
-def test_depthwise_forms_agree_in_outputs_and_gradients(kernel, stride, size):
-  x = jax.random.normal(jax.random.PRNGKey(0), (2, size, size, 6))
+def _outputs_and_gradients(fn, *args):
+  """fn's output and the gradients of a non-linear scalar of it, both jitted."""
+  loss = lambda *a: jnp.sum(jnp.sin(fn(*a)))
+  return jax.jit(fn)(*args), jax.jit(jax.grad(loss, argnums=tuple(range(len(args)))))(*args)
+
+
+@pytest.mark.parametrize('form', ['shifted', 'kernel'])
+@pytest.mark.parametrize('kernel, stride, size', [(3, 1, 9), (3, 2, 8), (5, 2, 11), (7, 1, 4)])
+def test_depthwise_forms_agree_in_outputs_and_gradients(form, kernel, stride, size):
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, size, size, 6))
   w = jax.random.normal(jax.random.PRNGKey(1), (kernel, kernel, 1, 6))
-  outs = {name: jax.jit(fn, static_argnums=2)(x, w, stride)
-          for name, fn in models.DEPTHWISE.items()}
-  np.testing.assert_allclose(outs['native'], outs['shifted'], rtol=1e-5, atol=1e-5)
-  grads = {name: jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(fn(x, w, stride))),
-                                  argnums=(0, 1)))(x, w)
-           for name, fn in models.DEPTHWISE.items()}
-  for a, b in zip(grads['native'], grads['shifted']):
+  expected, expected_grads = _outputs_and_gradients(
+      lambda x, w: models.depthwise_native(x, w, stride), x, w)
+  out, grads = _outputs_and_gradients(lambda x, w: models.DEPTHWISE[form](x, w, stride), x, w)
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+  for a, b in zip(grads, expected_grads):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_depthwise_forms_agree_in_whole_model():
-  # Kernels 3/5/7, strides 1/2, SE and expansion: every path the depthwise conv takes in a model.
-  arch = ['r1_k3_s11_e1_i32_o16', 'r2_k5_s22_e6_i16_o24_se0.25', 'r1_k7_s22_e3_i24_o32']
-  x = jax.random.normal(jax.random.PRNGKey(0), (2, 64, 64, 3))
-  native, shifted = (models.create(arch, num_classes=10, depthwise=form)
-                     for form in ('native', 'shifted'))
-  variables = jax.jit(native.init)(jax.random.PRNGKey(0), x)
+@pytest.mark.parametrize('kernel, stride, size', [(1, 1, 5), (3, 2, 9), (3, 2, 8), (5, 1, 6)])
+def test_conv_forms_agree_in_outputs_and_gradients(kernel, stride, size):
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, size, size, 5))
+  w = jax.random.normal(jax.random.PRNGKey(1), (kernel, kernel, 5, 7))
+  expected, expected_grads = _outputs_and_gradients(
+      lambda x, w: models.conv_native(x, w, stride), x, w)
+  out, grads = _outputs_and_gradients(lambda x, w: models.conv_matmul(x, w, stride), x, w)
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+  for a, b in zip(grads, expected_grads):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
-  def loss_and_grad(model):
-    loss = lambda params: jnp.mean(model.apply({**variables, 'params': params}, x) ** 2)
+
+def test_depthwise_kernel_is_used_on_cpu_and_checks_its_dtype():
+  # The CPU default builds the C++ kernels (the README's set-up installs g++).
+  assert models.create('mnasnet_small', dtype='float32').depthwise == 'kernel'
+  assert models.create('mnasnet_small', dtype='bfloat16').depthwise == 'shifted'
+  x = jnp.zeros((1, 4, 4, 2), jnp.bfloat16)
+  with pytest.raises(ValueError, match='take float32, got bfloat16'):
+    models.DEPTHWISE['kernel'](x, jnp.zeros((3, 3, 1, 2), jnp.bfloat16), 1)
+
+
+def test_cpu_forms_agree_with_native_in_whole_model():
+  # Stem, kernels 3/5/7, strides 1/2, SE, expansion, a k x k conv op and BN in training mode:
+  # every path a conv takes in a model.
+  arch = ['r1_k3_s11_e1_i32_o16', 'r2_k5_s22_e6_i16_o24_se0.25', 'r1_k7_s22_e3_i24_o32',
+          'r1_k3_s22_e1_i32_o40_conv']
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
+  variables = None
+
+  def loss_and_grad(depthwise, conv):
+    nonlocal variables
+    model = models.create(arch, num_classes=10, depthwise=depthwise, conv=conv)
+    variables = variables or jax.jit(model.init)(jax.random.PRNGKey(0), x)
+
+    def loss(params):
+      logits, _ = model.apply({**variables, 'params': params}, x, train=True,
+                              mutable=['batch_stats'], rngs={'dropout': jax.random.PRNGKey(1)})
+      return jnp.mean(logits ** 2)
     return jax.jit(jax.value_and_grad(loss))(variables['params'])
 
-  (loss_a, grads_a), (loss_b, grads_b) = loss_and_grad(native), loss_and_grad(shifted)
-  np.testing.assert_allclose(loss_a, loss_b, rtol=1e-5)
-  for a, b in zip(*map(jax.tree_util.tree_leaves, (grads_a, grads_b))):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * np.abs(a).max())
+  loss_a, grads_a = loss_and_grad('native', 'native')
+  leaves_a = jax.tree_util.tree_leaves(grads_a)
+  # Some leaves are zero but for rounding (a BN's offset before another BN): compare them on the
+  # scale of the largest gradient.
+  scale = max(np.abs(a).max() for a in leaves_a)
+  for depthwise in ('shifted', 'kernel'):
+    loss_b, grads_b = loss_and_grad(depthwise, 'matmul')
+    np.testing.assert_allclose(loss_a, loss_b, rtol=1e-5)
+    for a, b in zip(leaves_a, jax.tree_util.tree_leaves(grads_b)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_depthwise_kernel_build_failure_is_reported(tmp_path, monkeypatch):
+  monkeypatch.setenv('MNASNET_JAX_CACHE', str(tmp_path))
+  monkeypatch.setenv('CXX', 'false')  # a "compiler" that always fails
+  with pytest.raises(RuntimeError, match='depthwise_cpu.cc failed'):
+    depthwise_cpu._build()
+  assert os.listdir(tmp_path) == []  # no half-written library left to load later

@@ -157,7 +157,8 @@ def _proxy_config(**overrides):
   proxy = ml_collections.ConfigDict({k: config[k] for k in (
       'batch_size', 'eval_batch_size', 'base_learning_rate', 'warmup_epochs', 'lr_decay_rate',
       'lr_decay_epochs', 'rmsprop_decay', 'momentum', 'rmsprop_epsilon', 'weight_decay',
-      'label_smoothing', 'dropout_rate', 'depth_multiplier', 'depthwise', 'dtype')})
+      'label_smoothing', 'dropout_rate', 'depth_multiplier', 'depthwise', 'conv',
+      'dtype')})
   proxy.update(dict(num_steps=30, num_epochs=0.0, ema_decay=0.0, eval_examples=None,
                     bn_momentum=0.8, bn_recalibration_batches=2))
   proxy.update(overrides)

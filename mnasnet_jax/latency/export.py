@@ -154,7 +154,7 @@ def _write(path, content: bytes) -> str:
 
 def _model(arch, num_classes, depth_multiplier=1.0):
   return models.create(arch, num_classes=num_classes, depth_multiplier=depth_multiplier,
-                       depthwise='native', dtype='float32')
+                       depthwise='native', conv='native', dtype='float32')
 
 
 def export_tflite(arch, path, resolution: int = 224, num_classes: int = 1000, params=None,

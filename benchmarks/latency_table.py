@@ -3,16 +3,16 @@
     python benchmarks/latency_table.py --table=litert_cpu_32.json [--fit_calibration]
 
 Random architectures of the table's search space (recorded in the table) plus the named models are
-exported whole to TFLite and timed on the same backend (litert, one thread, the table's warm-up and
-repeats); their times are compared with the table's predictions: mean absolute percentage error,
+exported whole to TFLite and timed on the table's own backend exactly as its entries were (its
+`timing`: statistic, fresh interpreter instances, warm-up, repeats, cache flush; a phone's table on
+that phone); their times are compared with the table's predictions: mean absolute percentage error,
 worst error, Spearman rank correlation. Three predictions are reported: the plain sum of entries, the
-sum less the per-invoke overhead of all but one unit, and the calibrated one (table.py's formula).
-Whole models are timed exactly as the table's entries were (its `timing`: statistic, fresh
-interpreter instances, warm-up and repeats).
+sum less the one-add model's invoke for all but one unit, and the calibrated one (table.py's formula).
 
-`--fit_calibration` first fits the calibration's scale and ms_per_mparam (relative least squares) on
-`--num_fit` OTHER random architectures (seed `--seed + 1`), writes it into the table file, and then
-judges it on the validation set (seed `--seed`, plus the named models), none of which it saw.
+`--fit_calibration` also fits the calibration's scale and unit_ms (relative least squares) on
+`--num_fit` OTHER random architectures (seed `--seed + 1`), timed interleaved with the validation
+set, writes it into the table file, and judges it on the validation set (seed `--seed`, plus the
+named models), none of which it saw.
 The last line printed is one JSON object.
 """
 
@@ -41,7 +41,7 @@ _TABLE = flags.DEFINE_string('table', 'litert_cpu_32.json', 'Table file or shipp
 _NUM_RANDOM = flags.DEFINE_integer('num_random', 50, 'Random architectures to validate on.')
 _NUM_FIT = flags.DEFINE_integer('num_fit', 30, 'Other random architectures to fit calibration on.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Validation sample seed; the fit sample uses seed + 1.')
-_FIT = flags.DEFINE_boolean('fit_calibration', False, 'Fit scale/offset and write them to the table.')
+_FIT = flags.DEFINE_boolean('fit_calibration', False, 'Fit scale, unit_ms and write them to the table.')
 _BATCH = flags.DEFINE_integer('batch', 100_000, 'Architectures for the throughput measurements.')
 _MEASURED = flags.DEFINE_string('measured', None, 'JSON file of end-to-end times to reuse and extend '
                                 '(architecture -> ms), so a refit needs no re-timing.')
@@ -76,8 +76,8 @@ def measure(archs, table, backend, label):
 
 
 def raw_sums(table, archs):
-  """(sum of entries, number of units, parameters) per architecture."""
-  return np.asarray([table.sums(arch) for arch in archs], np.float64)
+  """(sum of entries, number of units) per architecture."""
+  return np.asarray([table.sums(arch)[:2] for arch in archs], np.float64)
 
 
 def errors(predicted, measured):
@@ -91,8 +91,8 @@ def main(argv):
   table = table_lib.LatencyTable.load(_TABLE.value)
   space = search_space_lib.SearchSpace(ml_collections.ConfigDict(table.metadata['search_space']))
   timing = table.metadata['timing']
-  backend = profiler.LiteRTBackend(timing['warmup'], timing['repeats'], timing['num_threads'],
-                                   timing.get('instances', 1))
+  # The table's own backend and settings (a phone's table is validated on that phone).
+  backend = profiler.create_backend(ml_collections.ConfigDict({'backend': table.backend, **timing}))
   report = {'table': table.path, 'resolution': table.resolution, 'num_classes': table.num_classes,
             'entries': len(table), 'overhead_ms': table.overhead_ms}
   # A process's first interpreter runs slow through all its repeats (seen: 13.3 ms against 10.0 ms
@@ -103,37 +103,34 @@ def main(argv):
     with open(path, 'rb') as f:
       backend.time(f.read(), 'warmup')
 
+  names = sorted(models.ARCHITECTURES)
+  random_archs = sample(space, _NUM_RANDOM.value, _SEED.value)
+  archs = random_archs + names
+  fit_archs = sample(space, _NUM_FIT.value, _SEED.value + 1) if _FIT.value else []
+  # Fit and validation architectures are timed in one shuffled order: this machine's speed drifts
+  # by a few percent over minutes, which would otherwise bias the fit against the validation.
+  everything = fit_archs + archs
+  order = np.random.default_rng(_SEED.value).permutation(len(everything))
+  times = np.empty(len(everything))
+  times[order] = measure([everything[i] for i in order], table, backend, 'time')
+  fit_measured, measured = times[:len(fit_archs)], times[len(fit_archs):]
+
   if _FIT.value:
-    fit_archs = sample(space, _NUM_FIT.value, _SEED.value + 1)
-    fit_measured = measure(fit_archs, table, backend, 'fit')
-    sums, units, params = raw_sums(table, fit_archs).T
-    corrected = sums - (units - 1) * table.overhead_ms
-    # Relative least squares (rows weighted by 1 / time: the judged error is relative), no offset:
-    # the fixed cost is the measured overhead, and a free offset extrapolated below zero for the
-    # smallest named model in a first trial.
-    design = np.stack([corrected, params / 1e6], axis=1) / fit_measured[:, None]
-    (scale, per_mparam), *_ = np.linalg.lstsq(design, np.ones_like(fit_measured), rcond=None)
-    offset = 0.0
+    scale, unit_ms = table_lib.fit_calibration(*raw_sums(table, fit_archs).T, fit_measured)
     data = json.load(open(table.path))
     data['calibration'].update(
-        scale=float(scale), ms_per_mparam=float(per_mparam), offset_ms=float(offset),
-        note=(f'overhead_ms: {timing["statistic"]} invoke of a one-add model; scale, '
-              f'ms_per_mparam, offset_ms: '
-              f'relative least squares of whole-model time on (sum - (units - 1) * overhead_ms, '
-              f'parameters / 1e6) over {len(fit_archs)} random architectures of the space (seed '
-              f'{_SEED.value + 1}), none of them judged in the validation'))
+        scale=scale, unit_ms=unit_ms,
+        note=(f'overhead_ms: {timing["statistic"]} invoke of a one-add model; scale, unit_ms: '
+              f'relative least squares of whole-model time on (sum, units - 1) over '
+              f'{len(fit_archs)} random architectures of the space (seed {_SEED.value + 1}), none '
+              'of them judged in the validation'))
     with open(table.path, 'w') as f:
       json.dump(data, f, indent=1)
       f.write('\n')
     table = table_lib.LatencyTable.load(table.path)
-    report['fit'] = {'num': len(fit_archs), 'scale': float(scale),
-                     'ms_per_mparam': float(per_mparam), 'offset_ms': float(offset)}
+    report['fit'] = {'num': len(fit_archs), 'scale': scale, 'unit_ms': unit_ms}
 
-  names = sorted(models.ARCHITECTURES)
-  random_archs = sample(space, _NUM_RANDOM.value, _SEED.value)
-  archs = random_archs + names
-  measured = measure(archs, table, backend, 'validate')
-  sums, units, _ = raw_sums(table, archs).T
+  sums, units = raw_sums(table, archs).T
   calibrated = np.asarray([table.predict(a) for a in archs])
   report['validation'] = {
       'num_random': len(random_archs), 'named': names,

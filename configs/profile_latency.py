@@ -38,6 +38,11 @@ def get_config(arg=None):
   config.warmup = 10 if local else 3
   config.repeats = 40 if local else 10
   config.num_threads = 1  # a phone's single big core
+  # litert: MiB of other data read before each timed invoke, so that a layer's weights are out of the
+  # core's caches as inside a network (LiteRTBackend). Several times the core's own (L1 + L2) cache;
+  # 16 fit whole networks best on a core with 2 MiB of L2 (64 also emptied part of the shared L3).
+  # The adb backend's benchmark_model repeats back to back; a phone's caches hold little of a model.
+  config.flush_mib = 16.0
   # Each entry's statistic over the repeats: 'min', 'median' (litert only), 'mean'. The minimum is the
   # one that adds up to whole networks on a shared machine (see mnasnet_jax/latency/profiler.py).
   config.statistic = 'min'

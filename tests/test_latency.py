@@ -92,13 +92,21 @@ def test_predict_is_stem_plus_layers_plus_head_with_calibration(tmp_path):
   table = synthetic_table(ARCH)
   # Units: stem, 5 layers (1 + 2 + 1 + 1), head: 7 distinct ones -> 1 + 2 + ... + 64.
   assert table.predict(ARCH) == 127.0
-  calibrated = synthetic_table(ARCH, overhead_ms=0.5, scale=2.0, ms_per_mparam=0.25, offset_ms=1.0)
-  assert calibrated.predict(ARCH) == 2.0 * (127.0 - 6 * 0.5) + 0.25 * 7 + 1.0
+  assert synthetic_table(ARCH, overhead_ms=0.5).predict(ARCH) == 127.0 - 6 * 0.5  # unfitted
+  calibrated = synthetic_table(ARCH, overhead_ms=0.5, unit_ms=0.25, scale=2.0)
+  assert calibrated.predict(ARCH) == 2.0 * (127.0 - 6 * 0.25)
   path = calibrated.save(tmp_path / 't.json')
   loaded = latency.LatencyTable.load(path)
   assert (loaded.resolution, loaded.num_classes, loaded.path) == (32, 10, path)
   assert loaded.predict(ARCH) == calibrated.predict(ARCH)
   np.testing.assert_array_equal(loaded.predict_batch([ARCH, ARCH]), [loaded.predict(ARCH)] * 2)
+
+
+def test_fit_calibration_recovers_a_known_scale_and_unit_cost():
+  rng = np.random.default_rng(0)
+  sums, units = rng.uniform(0.5, 5.0, 30), rng.integers(10, 40, 30)
+  measured = 1.15 * (sums - (units - 1) * 0.006)
+  assert table_lib.fit_calibration(sums, units, measured) == pytest.approx((1.15, 0.006), rel=1e-9)
 
 
 def test_missing_layer_names_signature_and_path(tmp_path):
@@ -113,8 +121,9 @@ def test_missing_layer_names_signature_and_path(tmp_path):
 @pytest.mark.parametrize('content, why', [
     ('{"format": "mnasnet_jax.latency_table", ', 'not valid JSON'),
     ('[1, 2]', 'format'),
-    ('{"format": "mnasnet_jax.latency_table", "version": 1, "resolution": 32}', 'missing field'),
-    ('{"format": "mnasnet_jax.latency_table", "version": 1, "resolution": 32, "num_classes": 10, '
+    ('{"format": "mnasnet_jax.latency_table", "version": 1}', 'expected version 2, got 1'),
+    ('{"format": "mnasnet_jax.latency_table", "version": 2, "resolution": 32}', 'missing field'),
+    ('{"format": "mnasnet_jax.latency_table", "version": 2, "resolution": 32, "num_classes": 10, '
      '"backend": "litert", "device": {}, "entries": {"stem_o32_r32": {"ms": -1}}}', 'stem_o32_r32'),
 ])
 def test_corrupt_table_is_a_clear_error(tmp_path, content, why):
@@ -133,8 +142,7 @@ def tiny_profile_config(**changes):
   fields = dict(
       job='profile_latency', search_space=space, architectures=(), resolution=16, num_classes=10,
       table_name='tiny.json', backend='litert', instances=2, warmup=1, repeats=3, num_threads=1,
-      statistic='min',
-      log_every_seconds=0.0,
+      statistic='min', flush_mib=1.0, log_every_seconds=0.0,
       adb=dict(binary='adb', serial='', device_dir='/data/local/tmp/m', benchmark_binary='/bm',
                cpu_mask='f0'))
   fields.update(changes)
@@ -154,6 +162,7 @@ def test_profiler_covers_the_space_resumes_and_predicts_sums(tmp_path, monkeypat
   assert all(r['count'] == 2 * 3 and 0 < r['min_ms'] <= r['median_ms'] for r in records)
   loaded = latency.LatencyTable.load(tmp_path / 'tiny.json')
   assert loaded.metadata['timing']['repeats'] == 3 and loaded.metadata['timing']['instances'] == 2
+  assert loaded.metadata['timing']['flush_mib'] == 1.0
   assert loaded.device['num_threads'] == 1
   assert loaded.metadata['versions']['litert-converter'] == '0.5.0'
   for tokens in ([0] * 6, [1] + [0] * 5):
@@ -220,6 +229,11 @@ def test_adb_profile_job_and_failures(tmp_path, monkeypatch, fake_adb):
   assert table.metadata['timing']['statistic'] == 'min'
   arch = config.architectures[0]
   assert table.predict(arch) == pytest.approx(4 * 0.58 - 3 * 0.58)
+  # The table records its backend's settings, so its validation times whole models on that phone.
+  again = profiler.create_backend(ml_collections.ConfigDict(
+      {'backend': table.backend, **table.metadata['timing']}))
+  assert isinstance(again, profiler.AdbBackend) and again.serial is None and again.cpu_mask == 'f0'
+  assert (again.repeats, again.instances, again.device_dir) == (3, 2, '/data/local/tmp/m')
   config.statistic = 'median'  # benchmark_model prints none
   with pytest.raises(ValueError, match="does not give the statistic 'median'"):
     profiler.profile(config, str(tmp_path / 'work2'))

@@ -71,12 +71,22 @@ class LiteRTBackend:
   statistics pool all of them. Instances matter more than repeats: on this machine one model's
   minimum over 30 invokes differed by up to 40% between interpreters (where their buffers land in
   memory), while it barely moved within one.
+
+  Before each timed invoke, `flush_mib` MiB of other data are read and the input is set again: a
+  layer then runs as it does inside a network, where every other layer's weights and activations
+  went through the core's caches since its last run and only its input (the previous layer's
+  output) is fresh. Repeated back to back instead, a layer keeps its weights in the core's cache,
+  which a network never does, and the table's sums come out at about half of whole networks.
   """
 
-  def __init__(self, warmup: int, repeats: int, num_threads: int = 1, instances: int = 1):
+  def __init__(self, warmup: int, repeats: int, num_threads: int = 1, instances: int = 1,
+               flush_mib: float = 0.0):
     _check_counts(warmup, repeats, instances)
+    if flush_mib < 0:
+      raise ValueError(f'expected flush_mib >= 0, got {flush_mib}')
     self.warmup, self.repeats, self.num_threads = warmup, repeats, num_threads
-    self.instances = instances
+    self.instances, self.flush_mib = instances, flush_mib
+    self._flush = np.ones(int(flush_mib * 2**20) // 8, np.int64)
 
   def device(self) -> dict:
     name = host_platform.processor() or host_platform.machine()
@@ -87,30 +97,58 @@ class LiteRTBackend:
     except OSError:
       pass
     return {'name': name, 'machine': host_platform.machine(), 'system': host_platform.platform(),
-            'cpu_count': os.cpu_count(), 'num_threads': self.num_threads}
+            'cpu_count': os.cpu_count(), 'num_threads': self.num_threads, 'caches': cpu_caches()}
 
   def interpreter(self, content: bytes):
+    """A fresh interpreter and a function that sets its inputs (random, the same every time)."""
     from ai_edge_litert.interpreter import Interpreter
     interpreter = Interpreter(model_content=content, num_threads=self.num_threads)
     interpreter.allocate_tensors()
     rng = np.random.default_rng(0)
-    for detail in interpreter.get_input_details():
-      interpreter.set_tensor(detail['index'],
-                             rng.normal(size=detail['shape']).astype(detail['dtype']))
-    return interpreter
+    inputs = [(d['index'], rng.normal(size=d['shape']).astype(d['dtype']))
+              for d in interpreter.get_input_details()]
+
+    def set_inputs():
+      for index, value in inputs:
+        interpreter.set_tensor(index, value)
+
+    set_inputs()
+    return interpreter, set_inputs
 
   def time(self, content: bytes, name: str) -> dict:
     del name
     seconds = []
     for _ in range(self.instances):
-      interpreter = self.interpreter(content)
+      interpreter, set_inputs = self.interpreter(content)
       for _ in range(self.warmup):
         interpreter.invoke()
       for _ in range(self.repeats):
+        if self._flush.size:
+          np.bitwise_or.reduce(self._flush)
+          set_inputs()
         start = time.perf_counter()
         interpreter.invoke()
         seconds.append(time.perf_counter() - start)
     return _timing_stats(seconds)
+
+
+def cpu_caches() -> dict:
+  """Cache sizes of CPU 0 as Linux reports them (e.g. {'L1d': '48K', 'L2': '2048K'}), or {}."""
+  caches = {}
+  root = '/sys/devices/system/cpu/cpu0/cache'
+  for index in sorted(os.listdir(root)) if os.path.isdir(root) else ():
+    try:
+      with open(os.path.join(root, index, 'level')) as f:
+        level = f.read().strip()
+      with open(os.path.join(root, index, 'type')) as f:
+        kind = f.read().strip()
+      with open(os.path.join(root, index, 'size')) as f:
+        size = f.read().strip()
+    except OSError:
+      continue
+    suffix = {'Data': 'd', 'Instruction': 'i'}.get(kind, '')
+    caches[f'L{level}{suffix}'] = size
+  return caches
 
 
 _BENCHMARK_LINE = re.compile(r'count=(\d+) first=\S+ curr=\S+ min=(\S+) max=\S+ avg=(\S+) std=(\S+)')
@@ -200,7 +238,8 @@ class AdbBackend:
 
 def create_backend(config):
   if config.backend == 'litert':
-    return LiteRTBackend(config.warmup, config.repeats, config.num_threads, config.instances)
+    return LiteRTBackend(config.warmup, config.repeats, config.num_threads, config.instances,
+                         config.flush_mib)
   if config.backend == 'adb':
     return AdbBackend(config.warmup, config.repeats, config.num_threads, adb=config.adb.binary,
                       serial=config.adb.serial or None, device_dir=config.adb.device_dir,
@@ -336,13 +375,16 @@ def profile(config, workdir: str) -> table_lib.LatencyTable:
       versions=library_versions(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
       timing={'statistic': config.statistic, 'instances': config.instances,
               'warmup': config.warmup, 'repeats': config.repeats,
-              'num_threads': config.num_threads, 'unit': 'one TFLite model per entry, timed alone'},
+              'num_threads': config.num_threads,
+              'flush_mib': config.flush_mib if config.backend == 'litert' else 0.0,
+              **({'adb': config.adb.to_dict()} if config.backend == 'adb' else {}),
+              'unit': 'one TFLite model per entry, timed alone'},
       search_space=config.search_space.to_dict() if space else None,
       architectures=list(config.architectures),
-      calibration={'overhead_ms': overhead[statistic], 'scale': 1.0, 'ms_per_mparam': 0.0,
-                   'offset_ms': 0.0,
-                   'note': f'overhead_ms: {config.statistic} invoke of a one-add model; the rest '
-                           'not fitted'})
+      calibration={'overhead_ms': overhead[statistic], 'unit_ms': overhead[statistic],
+                   'scale': 1.0,
+                   'note': f'overhead_ms: {config.statistic} invoke of a one-add model; unit_ms '
+                           'and scale not fitted'})
   path = table.save(os.path.join(workdir, config.table_name))
   logging.info('wrote %s: %d entries, invoke overhead %.4f ms; export %.0f s, timing %.0f s this run',
                path, len(entries), overhead[statistic], export_seconds, timing_seconds)

@@ -5,20 +5,18 @@ profiled once. An entry is keyed by `layer_key`: the fields of a `blocks.Layer` 
 (op, kernel, stride, expansion, tensor widths, SE width, the shortcut actually added, input resolution),
 plus one entry for the stem and one per (head input width, resolution, classes).
 
-    predict(arch) = scale * (stem + sum(layers) + head - (units - 1) * overhead_ms)
-                    + ms_per_mparam * (parameters / 1e6) + offset_ms
+    predict(arch) = scale * (stem + sum(layers) + head - (units - 1) * unit_ms)
 
-Each entry was timed as its own interpreter invoke, so it carries one invoke's fixed cost, while a
-whole model pays it once: `overhead_ms` (an empty model's invoke, measured when profiling) is taken
-off all but one unit. A unit timed alone and repeated keeps its weights in cache; a whole network
-streams all of its weights from memory on every invoke, a cost that grows with the parameter count
-(each entry records its unit's folded parameters). `scale`, `ms_per_mparam` and `offset_ms` are a
-linear correction fitted by least squares on whole-model timings of architectures other than those
-the table is validated on (benchmarks/latency_table.py); 1, 0, 0 when not fitted. The file is JSON:
+Each entry was timed as its own interpreter invoke with the core's caches emptied first, as inside a
+network (profiler.LiteRTBackend), so it carries the fixed cost of a cold invoke, which a whole network
+pays once: `unit_ms` is taken off all but one unit. Unfitted, `unit_ms` is `overhead_ms` (a one-add
+model's invoke, measured when profiling) and `scale` is 1; benchmarks/latency_table.py fits both by
+relative least squares on whole-model timings of architectures other than those the table is
+validated on (a real layer's fixed cost exceeds a one-add model's). The file is JSON:
 
-    {"format": "mnasnet_jax.latency_table", "version": 1, "resolution": 224, "num_classes": 1000,
+    {"format": "mnasnet_jax.latency_table", "version": 2, "resolution": 224, "num_classes": 1000,
      "backend": "litert", "device": {...}, "versions": {...}, "date": "...", "timing": {...},
-     "calibration": {"overhead_ms": .., "scale": 1.0, "ms_per_mparam": 0.0, "offset_ms": 0.0, ..},
+     "calibration": {"overhead_ms": .., "unit_ms": .., "scale": 1.0, "note": ..},
      "entries": {"<key>": {"ms": <timing.statistic>, "min_ms": .., "median_ms": .., "mean_ms": ..,
                            "std_ms": .., "count": .., "params": ..}}}
 """
@@ -37,7 +35,7 @@ from mnasnet_jax import blocks as blocks_lib
 from mnasnet_jax import models
 
 FORMAT = 'mnasnet_jax.latency_table'
-VERSION = 1
+VERSION = 2  # 2: entries timed with the caches emptied, calibration (scale, unit_ms)
 TABLES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'tables')
 _REQUIRED = ('resolution', 'num_classes', 'backend', 'device', 'entries')
 
@@ -85,6 +83,15 @@ def network_units(arch, resolution: int, num_classes: int) -> list[str]:
           + [head_key(width, res, num_classes)])
 
 
+def fit_calibration(sums, units, measured) -> tuple[float, float]:
+  """(scale, unit_ms) for which scale * (sums - (units - 1) * unit_ms) best matches `measured`
+  whole-model times in relative error (least squares with rows weighted by 1 / time)."""
+  sums, units, measured = (np.asarray(x, np.float64) for x in (sums, units, measured))
+  design = np.stack([sums, 1 - units], axis=1) / measured[:, None]
+  (scale, scaled_unit_ms), *_ = np.linalg.lstsq(design, np.ones_like(measured), rcond=None)
+  return float(scale), float(scaled_unit_ms / scale)
+
+
 def _corrupt(path, what):
   return ValueError(f'corrupt latency table {path}: {what}')
 
@@ -103,15 +110,14 @@ class LatencyTable:
     self.metadata = metadata
     calibration = metadata.get('calibration') or {}
     self.overhead_ms = float(calibration.get('overhead_ms', 0.0))
+    self.unit_ms = float(calibration.get('unit_ms', self.overhead_ms))
     self.scale = float(calibration.get('scale', 1.0))
-    self.offset_ms = float(calibration.get('offset_ms', 0.0))
-    self.ms_per_mparam = float(calibration.get('ms_per_mparam', 0.0))
     self._ms = {key: float(entry['ms']) for key, entry in self.entries.items()}
     self._params = {key: int(entry.get('params', 0)) for key, entry in self.entries.items()}
     self._blocks = {}  # (block string, input width, resolution) -> (ms, units, width, resolution)
     self._space = None
     self._tokens = {}  # id(space) -> (space, per-block arrays) for predict_tokens
-    self._ends_cache = {}  # (stem width, head input width, head resolution) -> (ms, parameters)
+    self._ends_cache = {}  # (stem width, head input width, head resolution) -> ms
 
   # --- files ---------------------------------------------------------------------------------
 
@@ -129,7 +135,8 @@ class LatencyTable:
     if not isinstance(data, dict) or data.get('format') != FORMAT:
       raise _corrupt(path, f'expected a JSON object with "format": "{FORMAT}"')
     if data.get('version') != VERSION:
-      raise _corrupt(path, f'expected version {VERSION}, got {data.get("version")!r}')
+      raise _corrupt(path, f'expected version {VERSION}, got {data.get("version")!r}: profile it '
+                     'again with this version (its timing protocol and calibration changed)')
     missing = [k for k in _REQUIRED if k not in data]
     if missing:
       raise _corrupt(path, f'missing field(s) {", ".join(missing)}')
@@ -173,40 +180,38 @@ class LatencyTable:
   def layer_ms(self, layer: blocks_lib.Layer) -> float:
     return self.entry_ms(layer_key(layer))
 
-  def _calibrate(self, total_ms, units, params):
-    return (self.scale * (total_ms - (units - 1) * self.overhead_ms)
-            + self.ms_per_mparam * params / 1e6 + self.offset_ms)
+  def _calibrate(self, total_ms, units):
+    return self.scale * (total_ms - (units - 1) * self.unit_ms)
 
   def sums(self, arch) -> tuple[float, int, int]:
-    """(sum of entries in ms, number of units, parameters) of `arch`: the calibration's inputs."""
+    """(sum of entries in ms, number of units, parameters) of `arch`; the first two are the
+    calibration's inputs."""
     units = network_units(arch, self.resolution, self.num_classes)
     return (sum(self.entry_ms(k) for k in units), len(units),
             sum(self._params[k] for k in units))
 
   def predict(self, arch) -> float:
     """Milliseconds of `arch` (a name, block strings, or a models.Architecture) on the device."""
-    return float(self._calibrate(*self.sums(arch)))
+    return float(self._calibrate(*self.sums(arch)[:2]))
 
   def _block(self, block: str, width: int, res: int):
     key = (block, width, res)
     cached = self._blocks.get(key)
     if cached is None:
       layers = blocks_lib.layers([block], width, res)
-      keys = [layer_key(l) for l in layers]
-      cached = (sum(self.entry_ms(k) for k in keys), len(layers),
+      cached = (sum(self.layer_ms(l) for l in layers), len(layers),
                 layers[-1].out_filters if layers else width,
-                layers[-1].out_resolution if layers else res, sum(self._params[k] for k in keys))
+                layers[-1].out_resolution if layers else res)
       self._blocks[key] = cached
     return cached
 
-  def _ends(self, stem: int, width: int, res: int):
-    """(ms, parameters) of the stem and the head together."""
+  def _ends(self, stem: int, width: int, res: int) -> float:
+    """Milliseconds of the stem and the head together."""
     key = (stem, width, res)
     cached = self._ends_cache.get(key)
     if cached is None:
-      keys = (stem_key(stem, self.resolution), head_key(width, res, self.num_classes))
-      cached = self._ends_cache[key] = (sum(self.entry_ms(k) for k in keys),
-                                        sum(self._params[k] for k in keys))
+      cached = self._ends_cache[key] = (self.entry_ms(stem_key(stem, self.resolution))
+                                        + self.entry_ms(head_key(width, res, self.num_classes)))
     return cached
 
   @property
@@ -241,19 +246,17 @@ class LatencyTable:
         spec = models.architecture(arch)
         arch, stem = spec.blocks, spec.stem_filters
       width, res = stem, stem_res
-      total, units, params = 0.0, 2, 0
+      total, units = 0.0, 2
       for block in arch:
         cached = cache.get((block, width, res))
         if cached is None:
           cached = self._block(block, width, res)
-        ms, n, width, res, p = cached
+        ms, n, width, res = cached
         total += ms
         units += n
-        params += p
-      ms, p = self._ends(stem, width, res)
-      out.append((total + ms, units, params + p))
-    totals = np.asarray(out, np.float64).reshape(-1, 3)
-    return self._calibrate(totals[:, 0], totals[:, 1], totals[:, 2])
+      out.append((total + self._ends(stem, width, res), units))
+    totals = np.asarray(out, np.float64).reshape(-1, 2)
+    return self._calibrate(totals[:, 0], totals[:, 1])
 
   def _token_tables(self, space):
     """Per block: its input widths (sorted) and [width, choice] arrays of ms, units, out width."""
@@ -270,11 +273,11 @@ class LatencyTable:
         grid = [None]
         make = lambda picks, w, b=b: space.base[b].replace(in_filters=w)
       sorted_widths = np.asarray(sorted(widths))
-      values = np.zeros((4, len(sorted_widths), len(grid)))
+      values = np.zeros((3, len(sorted_widths), len(grid)))
       for i, w in enumerate(sorted_widths):
         for c, picks in enumerate(grid):
-          ms, n, out, _, params = self._block(blocks_lib.encode(make(picks, int(w))), int(w), res)
-          values[:, i, c] = ms, n, out, params
+          ms, n, out, _ = self._block(blocks_lib.encode(make(picks, int(w))), int(w), res)
+          values[:, i, c] = ms, n, out
       tables.append((b in space.searched, sorted_widths, values))
       widths = {int(w) for w in np.unique(values[2])}
     return tables
@@ -290,7 +293,7 @@ class LatencyTable:
       cached = self._tokens[id(space)] = (space, self._token_tables(space))
     per_block = len(space.choices) // max(len(space.searched), 1)
     widths = np.full(len(tokens), space.stem_filters)
-    total, units, params = np.zeros(len(tokens)), np.full(len(tokens), 2.0), np.zeros(len(tokens))
+    total, units = np.zeros(len(tokens)), np.full(len(tokens), 2.0)
     k = 0
     for searched, sorted_widths, values in cached[1]:
       if searched:
@@ -302,16 +305,13 @@ class LatencyTable:
       row = np.searchsorted(sorted_widths, widths)
       total += values[0, row, choice]
       units += values[1, row, choice]
-      params += values[3, row, choice]
       widths = values[2, row, choice].astype(np.int64)
     stem_res = blocks_lib.same_output_size(self.resolution, 2)
     final_res = space.block_resolutions(self.resolution)[-1] if space.base else stem_res
     final_res = blocks_lib.same_output_size(final_res, space.base[-1].stride)
     for w in np.unique(widths):
-      ms, p = self._ends(space.stem_filters, int(w), final_res)
-      total[widths == w] += ms
-      params[widths == w] += p
-    return self._calibrate(total, units, params)
+      total[widths == w] += self._ends(space.stem_filters, int(w), final_res)
+    return self._calibrate(total, units)
 
   def __len__(self):
     return len(self._ms)

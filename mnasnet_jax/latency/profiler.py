@@ -8,7 +8,9 @@ the heads of every width that can reach them. Each is exported alone as a small 
 weights: float latency does not depend on their values) and timed on a backend:
 
 * `litert`: the ai-edge-litert interpreter on this machine, `num_threads` threads (1: a phone's one big
-  core), in `instances` fresh interpreters, each `warmup` untimed invokes then `repeats` timed ones;
+  core), in `instances` fresh interpreters, each `warmup` untimed invokes then `repeats` timed ones,
+  each after reading `flush_mib` MiB of other data (the core's caches as the rest of a network leaves
+  them);
 * `adb`: the same file pushed to an Android phone and timed by TFLite's `benchmark_model` pinned with
   `taskset` to `cpu_mask` (a big core), one thread (its output gives mean, std and min, no median).
   No phone was at hand when this was written: its command plumbing is tested against a stand-in
@@ -85,7 +87,7 @@ class LiteRTBackend:
     if flush_mib < 0:
       raise ValueError(f'expected flush_mib >= 0, got {flush_mib}')
     self.warmup, self.repeats, self.num_threads = warmup, repeats, num_threads
-    self.instances, self.flush_mib = instances, flush_mib
+    self.instances = instances
     self._flush = np.ones(int(flush_mib * 2**20) // 8, np.int64)
 
   def device(self) -> dict:

@@ -77,7 +77,7 @@ def measure(archs, table, backend, label):
 
 def raw_sums(table, archs):
   """(sum of entries, number of units) per architecture."""
-  return np.asarray([table.sums(arch)[:2] for arch in archs], np.float64)
+  return np.asarray([table.sums(arch) for arch in archs], np.float64)
 
 
 def errors(predicted, measured):

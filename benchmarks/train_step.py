@@ -37,7 +37,7 @@ _RESOLUTION = flags.DEFINE_integer('resolution', 224, 'Input resolution.')
 _CLASSES = flags.DEFINE_integer('num_classes', 1000, 'Number of classes.')
 _DEPTHWISE = flags.DEFINE_enum('depthwise', 'all', ['all', 'auto', *platform.DEPTHWISE_FORMS],
                                'Depthwise-conv form(s) to measure.')
-_CONV = flags.DEFINE_enum('conv', 'auto', ['auto', 'native', 'matmul'],
+_CONV = flags.DEFINE_enum('conv', 'auto', ['auto', *platform.CONV_FORMS],
                           'Form of the regular (stem, 1x1) convs.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed training steps.')
 _INFER_RUNS = flags.DEFINE_integer('infer_runs', 30, 'Timed batch-1 inference runs.')

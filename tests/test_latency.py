@@ -175,7 +175,7 @@ def test_profiler_covers_the_space_resumes_and_predicts_sums(tmp_path, monkeypat
     # The entries' parameter counts add up to the folded Flax model's.
     model = models.create(arch, num_classes=10, depthwise='native', dtype='float32')
     folded = export.fold_batchnorm(export.random_variables(model, (1, 16, 16, 3)))
-    assert loaded.sums(arch)[2] == models.count_params(folded)
+    assert loaded.params(arch) == models.count_params(folded)
   # A second run finds everything in the journal: nothing is exported or timed again.
   monkeypatch.setattr(export, 'to_tflite', lambda *a: pytest.fail('re-exported a finished unit'))
   profiler.profile(config, str(tmp_path))

@@ -183,16 +183,18 @@ class LatencyTable:
   def _calibrate(self, total_ms, units):
     return self.scale * (total_ms - (units - 1) * self.unit_ms)
 
-  def sums(self, arch) -> tuple[float, int, int]:
-    """(sum of entries in ms, number of units, parameters) of `arch`; the first two are the
-    calibration's inputs."""
+  def sums(self, arch) -> tuple[float, int]:
+    """(sum of entries in ms, number of units) of `arch`: the calibration's inputs."""
     units = network_units(arch, self.resolution, self.num_classes)
-    return (sum(self.entry_ms(k) for k in units), len(units),
-            sum(self._params[k] for k in units))
+    return sum(self.entry_ms(k) for k in units), len(units)
+
+  def params(self, arch) -> int:
+    """The folded parameters of `arch`, from its entries' counts."""
+    return sum(self._params[k] for k in network_units(arch, self.resolution, self.num_classes))
 
   def predict(self, arch) -> float:
     """Milliseconds of `arch` (a name, block strings, or a models.Architecture) on the device."""
-    return float(self._calibrate(*self.sums(arch)[:2]))
+    return float(self._calibrate(*self.sums(arch)))
 
   def _block(self, block: str, width: int, res: int):
     key = (block, width, res)

@@ -8,17 +8,28 @@ the same benchmark ran 11.6 images/s under glibc and 19.9 under tcmalloc (1.1M f
 
 An allocator can only be chosen before the process starts, so `use_tcmalloc()` re-executes the
 running command with tcmalloc in LD_PRELOAD. It does nothing when tcmalloc is not installed
-(Debian: libtcmalloc-minimal4), is already loaded, or MNASNET_JAX_TCMALLOC=0.
+(Debian: libtcmalloc-minimal4), is already loaded, or MNASNET_JAX_TCMALLOC=0, and on a run JAX
+will not place on the CPU (its step's buffers then live on the accelerator, not the host): as JAX
+has not started yet, `runs_on_cpu` judges that from the environment.
 """
 
 from __future__ import annotations
 
 import ctypes.util
+import glob
+import importlib.util
 import os
 import sys
 
 SWITCH = 'MNASNET_JAX_TCMALLOC'
 LIBRARIES = ('tcmalloc_minimal', 'tcmalloc')
+# The package JAX drives an accelerator with -> the device files of that accelerator: TPU VMs have
+# /dev/accel<N> (v2-v4) or /dev/vfio/<N> (v5e on), NVIDIA GPUs /dev/nvidia<N>.
+ACCELERATORS = {
+    'libtpu': ('/dev/accel[0-9]*', '/dev/vfio/[0-9]*'),
+    'jax_cuda12_plugin': ('/dev/nvidia[0-9]*',),
+    'jax_cuda13_plugin': ('/dev/nvidia[0-9]*',),
+}
 
 
 def tcmalloc_path() -> str | None:
@@ -37,10 +48,20 @@ def tcmalloc_loaded() -> bool:
     return False
 
 
+def runs_on_cpu() -> bool:
+  """Whether JAX will run this process on the CPU, before it starts: the first of JAX_PLATFORMS
+  when that is set, else whether no accelerator is there with the package JAX would drive it by."""
+  platforms = os.environ.get('JAX_PLATFORMS', '').strip()
+  if platforms:
+    return platforms.split(',')[0].strip() == 'cpu'
+  return not any(any(glob.glob(p) for p in devices) and importlib.util.find_spec(package)
+                 for package, devices in ACCELERATORS.items())
+
+
 def use_tcmalloc() -> None:
   """Restarts this Python command (interpreter options included) with tcmalloc preloaded, once;
   returns if it cannot or need not."""
-  if os.environ.get(SWITCH) == '0' or tcmalloc_loaded():
+  if os.environ.get(SWITCH) == '0' or tcmalloc_loaded() or not runs_on_cpu():
     return
   path = tcmalloc_path()
   if path is None:

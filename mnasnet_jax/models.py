@@ -18,9 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from mnasnet_jax import batch_norm
 from mnasnet_jax import blocks as blocks_lib
-from mnasnet_jax import depthwise_cpu
+from mnasnet_jax import cpu
+from mnasnet_jax import errors
 from mnasnet_jax import platform
 
 HEAD_FILTERS = 1280
@@ -74,11 +74,11 @@ def architecture(arch: ArchLike) -> Architecture:
     if '_' in arch and arch.startswith('r'):
       arch = arch.split(',')
     else:
-      raise ValueError(f'unknown architecture {arch!r}: expected one of {sorted(ARCHITECTURES)} '
-                       'or a comma-separated list of block strings')
+      raise errors.UserError(f'unknown architecture {arch!r}: expected one of '
+                             f'{sorted(ARCHITECTURES)} or a comma-separated list of block strings')
   parsed = blocks_lib.as_block_args(arch)
   if not parsed:
-    raise ValueError('an architecture needs at least one block string')
+    raise errors.UserError('an architecture needs at least one block string')
   return Architecture(tuple(blocks_lib.encode(b) for b in parsed))
 
 
@@ -100,7 +100,7 @@ def dense_kernel_init(key, shape, dtype=jnp.float32):
   return jax.random.uniform(key, shape, dtype, -limit, limit)
 
 
-# --- depthwise convolution in its three forms ----------------------------------------------------
+# --- the ops' native forms, and the CPU forms by name (platform.py chooses) ---------------------
 
 def depthwise_native(x, kernel, stride: int):
   """The grouped convolution: XLA's native depthwise op, fast on TPU/GPU, what TFLite exports."""
@@ -109,74 +109,15 @@ def depthwise_native(x, kernel, stride: int):
       feature_group_count=x.shape[-1])
 
 
-def _windows(padded, kernel_size: int, stride: int, out_h: int, out_w: int):
-  """The k*k strided views of `padded` that each kernel tap multiplies, row-major."""
-  n, _, _, c = padded.shape
-  return [lax.slice(padded, (0, i, j, 0),
-                    (n, i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1, c),
-                    (1, stride, stride, 1))
-          for i in range(kernel_size) for j in range(kernel_size)]
+def conv_native(x, kernel, stride: int):
+  """XLA's conv op: what TPU/GPU compilers and TFLite know best."""
+  return lax.conv_general_dilated(x, kernel, (stride, stride), 'SAME',
+                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
-def _shifted_sum(padded, kernel, stride: int, out_h: int, out_w: int):
-  k = kernel.shape[0]
-  taps = kernel.reshape(k * k, -1)
-  out = None
-  for t, window in enumerate(_windows(padded, k, stride, out_h, out_w)):
-    out = window * taps[t] if out is None else out + window * taps[t]
-  return out
-
-
-def _pad_same(x, kernel_size: int, stride: int):
-  pads = [blocks_lib.same_padding(size, kernel_size, stride) for size in x.shape[1:3]]
-  return jnp.pad(x, ((0, 0), *pads, (0, 0))), pads
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def depthwise_shifted(x, kernel, stride: int):
-  """The same convolution as k*k strided slices times per-channel weights, in XLA alone: the CPU
-  fallback when the compiled kernels cannot be built, and the CPU form for bfloat16.
-
-  Its gradient is written by hand as the same kind of shifted sums (XLA's own transpose of the
-  strided slices compiles slowly and runs no faster).
-  """
-  padded, _ = _pad_same(x, kernel.shape[0], stride)
-  out_h, out_w = (blocks_lib.same_output_size(s, stride) for s in x.shape[1:3])
-  return _shifted_sum(padded, kernel, stride, out_h, out_w)
-
-
-def _depthwise_shifted_fwd(x, kernel, stride):
-  return depthwise_shifted(x, kernel, stride), (x, kernel)
-
-
-def _depthwise_shifted_bwd(stride, residuals, grad):
-  x, kernel = residuals
-  k = kernel.shape[0]
-  padded, ((top, _), (left, _)) = _pad_same(x, k, stride)
-  out_h, out_w = grad.shape[1:3]
-  windows = _windows(padded, k, stride, out_h, out_w)
-  # One variadic reduction for all k*k taps: a single pass over the input and gradient. (A sum per
-  # tap becomes a library dot on XLA:CPU that needs each tap's window written out whole.)
-  products = [w * grad for w in windows]
-  grad_kernel = jnp.stack(lax.reduce(products, [jnp.zeros((), grad.dtype)] * len(products),
-                                     lambda xs, ys: [a + b for a, b in zip(xs, ys)], (0, 1, 2)))
-  # The input gradient is a full correlation of the stride-dilated output gradient with the
-  # flipped kernel, over the padded input's extent, cropped back to the unpadded input.
-  dilated = lax.pad(grad, jnp.zeros((), grad.dtype),
-                    ((0, 0, 0), (k - 1, k - 1, stride - 1), (k - 1, k - 1, stride - 1), (0, 0, 0)))
-  reach_h, reach_w = (out_h - 1) * stride + k, (out_w - 1) * stride + k
-  grad_padded = _shifted_sum(dilated, kernel[::-1, ::-1], 1, reach_h, reach_w)
-  grad_padded = jnp.pad(grad_padded, ((0, 0), (0, max(padded.shape[1] - reach_h, 0)),
-                                      (0, max(padded.shape[2] - reach_w, 0)), (0, 0)))
-  grad_x = grad_padded[:, top:top + x.shape[1], left:left + x.shape[2], :]
-  return grad_x, grad_kernel.reshape(kernel.shape).astype(kernel.dtype)
-
-
-depthwise_shifted.defvjp(_depthwise_shifted_fwd, _depthwise_shifted_bwd)
-
-
-DEPTHWISE = {'native': depthwise_native, 'shifted': depthwise_shifted,
-             'kernel': depthwise_cpu.depthwise}
+DEPTHWISE = {'native': depthwise_native, **cpu.DEPTHWISE}
+CONV = {'native': conv_native, **cpu.CONV}
+BATCH_NORM = {'autodiff': nn.BatchNorm, **cpu.BATCH_NORM}
 
 
 class DepthwiseConv(nn.Module):
@@ -195,35 +136,8 @@ class DepthwiseConv(nn.Module):
     return DEPTHWISE[self.form](x, kernel, self.stride)
 
 
-# --- regular convolution in its two forms -------------------------------------------------------
-
-def conv_native(x, kernel, stride: int):
-  """XLA's conv op: what TPU/GPU compilers and TFLite know best."""
-  return lax.conv_general_dilated(x, kernel, (stride, stride), 'SAME',
-                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-
-
-def conv_matmul(x, kernel, stride: int):
-  """The same conv as one (pixels, k*k*C) x (k*k*C, O) matrix product over the k*k windows (for 1x1
-  stride 1 the input itself). XLA:CPU runs a conv's weight gradient as a conv with an image-sized
-  window, tens of times slower than this product's."""
-  k, _, c, features = kernel.shape
-  if k == 1 and stride == 1:
-    patches = x
-  else:
-    padded, _ = _pad_same(x, k, stride)
-    out_h, out_w = (blocks_lib.same_output_size(s, stride) for s in x.shape[1:3])
-    patches = jnp.concatenate(_windows(padded, k, stride, out_h, out_w), axis=-1)
-  n, h, w, depth = patches.shape
-  return jnp.dot(patches.reshape(n * h * w, depth), kernel.reshape(k * k * c, features)).reshape(
-      n, h, w, features)
-
-
-CONV = {'native': conv_native, 'matmul': conv_matmul}
-
-
 class Conv(nn.Module):
-  """k x k conv, 'SAME' padding; both forms share nn.Conv's variables: a (k, k, C, O) kernel, a
+  """k x k conv, 'SAME' padding; every form shares nn.Conv's variables: a (k, k, C, O) kernel, a
   bias."""
 
   features: int
@@ -312,7 +226,10 @@ class MnasLayer(nn.Module):
 
 
 class MnasNet(nn.Module):
-  """MnasNet from block strings; `bn_axis_name` makes BN average statistics across devices."""
+  """MnasNet from block strings; `bn_axis_name` makes BN average statistics across devices.
+
+  `depthwise`, `conv` and `batch_norm` name the forms of those ops (DEPTHWISE, CONV, BATCH_NORM).
+  """
 
   blocks: tuple[str, ...]
   num_classes: int = 1000
@@ -324,6 +241,7 @@ class MnasNet(nn.Module):
   bn_epsilon: float = 1e-3
   depthwise: str = 'native'
   conv: str = 'native'
+  batch_norm: str = 'autodiff'
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
 
@@ -336,7 +254,7 @@ class MnasNet(nn.Module):
   def __call__(self, images, train: bool = False):
     if images.ndim != 4 or images.shape[1] != images.shape[2]:
       raise ValueError(f'expected square NHWC images, got shape {images.shape}')
-    norm = functools.partial(batch_norm.BatchNorm, momentum=self.bn_momentum,
+    norm = functools.partial(BATCH_NORM[self.batch_norm], momentum=self.bn_momentum,
                              epsilon=self.bn_epsilon, dtype=self.dtype, axis_name=self.bn_axis_name)
     conv = functools.partial(Conv, form=self.conv, dtype=self.dtype)
     x = images.astype(self.dtype)
@@ -357,7 +275,7 @@ class MnasNet(nn.Module):
 
 def create(arch: ArchLike, *, num_classes: int = 1000, depth_multiplier: float = 1.0,
            dropout_rate: float | None = None, depthwise: str = 'auto', conv: str = 'auto',
-           dtype: str = 'auto', **kwargs) -> MnasNet:
+           batch_norm: str = 'auto', dtype: str = 'auto', **kwargs) -> MnasNet:
   """The model of a named architecture or block strings; device choices come from `platform`."""
   spec = architecture(arch)
   dtype = platform.compute_dtype(dtype)
@@ -366,7 +284,7 @@ def create(arch: ArchLike, *, num_classes: int = 1000, depth_multiplier: float =
       depth_multiplier=depth_multiplier,
       dropout_rate=spec.dropout_rate if dropout_rate is None else dropout_rate,
       depthwise=platform.depthwise_form(depthwise, dtype=dtype), conv=platform.conv_form(conv),
-      dtype=dtype, **kwargs)
+      batch_norm=platform.batch_norm_form(batch_norm), dtype=dtype, **kwargs)
 
 
 # --- analytic size ------------------------------------------------------------------------------

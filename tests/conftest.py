@@ -9,6 +9,9 @@ import textwrap
 import jax
 import pytest
 
+# On the CPU whatever the machine (a TPU VM too), here and in the commands tests run.
+os.environ['JAX_PLATFORMS'] = 'cpu'
+jax.config.update('jax_platforms', 'cpu')
 jax.config.update('jax_num_cpu_devices', 8)
 
 BENCHMARK_OUTPUT = """\

@@ -26,3 +26,21 @@ def test_entry_points_restart_under_tcmalloc():
 
 def test_switch_keeps_the_system_allocator():
   assert _probe(**{allocator.SWITCH: '0'}) == 'False'
+
+
+def test_only_a_cpu_run_restarts():
+  assert _probe(JAX_PLATFORMS='tpu') == 'False'
+  assert _probe(JAX_PLATFORMS='cpu') == 'True'
+
+
+def test_an_accelerator_needs_its_devices_and_its_package(tmp_path, monkeypatch):
+  monkeypatch.delenv('JAX_PLATFORMS', raising=False)
+  # 'json' stands in for the accelerator's package (importable), tmp_path for /dev.
+  monkeypatch.setattr(allocator, 'ACCELERATORS', {'json': (str(tmp_path / 'accel[0-9]*'),),
+                                                  'no_such_package': (str(tmp_path / 'gpu*'),)})
+  (tmp_path / 'gpu0').touch()
+  assert allocator.runs_on_cpu()
+  (tmp_path / 'accel0').touch()
+  assert not allocator.runs_on_cpu()
+  monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
+  assert allocator.runs_on_cpu()

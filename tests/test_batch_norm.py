@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mnasnet_jax import batch_norm
+from mnasnet_jax.cpu import batch_norm
 
 
 @pytest.mark.parametrize('axis_name', [None, 'devices'])
@@ -35,8 +35,10 @@ def test_equals_flax_batch_norm_in_outputs_statistics_and_gradients(axis_name):
 def test_same_variables_and_inference_as_flax():
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 3, 4))
   flax_bn = nn.BatchNorm(use_running_average=True, epsilon=1e-3)
-  ours = batch_norm.BatchNorm(use_running_average=True, epsilon=1e-3)
+  ours = batch_norm.BatchNorm(epsilon=1e-3)  # the mode given when called, as models.py does
   variables = flax_bn.init(jax.random.PRNGKey(0), x)
-  assert jax.tree.structure(ours.init(jax.random.PRNGKey(0), x)) == jax.tree.structure(variables)
+  assert jax.tree.structure(ours.init(jax.random.PRNGKey(0), x, use_running_average=True)) == (
+      jax.tree.structure(variables))
   variables = jax.tree.map(lambda v: v + 0.3, variables)
-  np.testing.assert_allclose(ours.apply(variables, x), flax_bn.apply(variables, x), rtol=1e-6)
+  np.testing.assert_allclose(ours.apply(variables, x, use_running_average=True),
+                             flax_bn.apply(variables, x), rtol=1e-6)

@@ -5,8 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mnasnet_jax import depthwise_cpu
+from mnasnet_jax import cpu
+from mnasnet_jax import errors
 from mnasnet_jax import models
+from mnasnet_jax import platform
 
 # Official counts (REFERENCE.md section 3); B1 at other multipliers are torchvision's mnasnet0_5,
 # mnasnet0_75 and mnasnet1_3; MobileNetV2 1.0 is torchvision's mobilenet_v2.
@@ -140,7 +142,7 @@ def test_conv_forms_agree_in_outputs_and_gradients(kernel, stride, size):
   w = jax.random.normal(jax.random.PRNGKey(1), (kernel, kernel, 5, 7))
   expected, expected_grads = _outputs_and_gradients(
       lambda x, w: models.conv_native(x, w, stride), x, w)
-  out, grads = _outputs_and_gradients(lambda x, w: models.conv_matmul(x, w, stride), x, w)
+  out, grads = _outputs_and_gradients(lambda x, w: models.CONV['matmul'](x, w, stride), x, w)
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
   for a, b in zip(grads, expected_grads):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
@@ -157,15 +159,16 @@ def test_depthwise_kernel_is_used_on_cpu_and_checks_its_dtype():
 
 def test_cpu_forms_agree_with_native_in_whole_model():
   # Stem, kernels 3/5/7, strides 1/2, SE, expansion, a k x k conv op and BN in training mode:
-  # every path a conv takes in a model.
+  # every path a conv and a BN take in a model.
   arch = ['r1_k3_s11_e1_i32_o16', 'r2_k5_s22_e6_i16_o24_se0.25', 'r1_k7_s22_e3_i24_o32',
           'r1_k3_s22_e1_i32_o40_conv']
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
   variables = None
 
-  def loss_and_grad(depthwise, conv):
+  def loss_and_grad(depthwise, conv, batch_norm):
     nonlocal variables
-    model = models.create(arch, num_classes=10, depthwise=depthwise, conv=conv)
+    model = models.create(arch, num_classes=10, depthwise=depthwise, conv=conv,
+                          batch_norm=batch_norm)
     variables = variables or jax.jit(model.init)(jax.random.PRNGKey(0), x)
 
     def loss(params):
@@ -174,13 +177,13 @@ def test_cpu_forms_agree_with_native_in_whole_model():
       return jnp.mean(logits ** 2)
     return jax.jit(jax.value_and_grad(loss))(variables['params'])
 
-  loss_a, grads_a = loss_and_grad('native', 'native')
+  loss_a, grads_a = loss_and_grad('native', 'native', 'autodiff')
   leaves_a = jax.tree_util.tree_leaves(grads_a)
   # Some leaves are zero but for rounding (a BN's offset before another BN): compare them on the
   # scale of the largest gradient.
   scale = max(np.abs(a).max() for a in leaves_a)
   for depthwise in ('shifted', 'kernel'):
-    loss_b, grads_b = loss_and_grad(depthwise, 'matmul')
+    loss_b, grads_b = loss_and_grad(depthwise, 'matmul', 'closed_form')
     np.testing.assert_allclose(loss_a, loss_b, rtol=1e-5)
     for a, b in zip(leaves_a, jax.tree_util.tree_leaves(grads_b)):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
@@ -189,6 +192,21 @@ def test_cpu_forms_agree_with_native_in_whole_model():
 def test_depthwise_kernel_build_failure_is_reported(tmp_path, monkeypatch):
   monkeypatch.setenv('MNASNET_JAX_CACHE', str(tmp_path))
   monkeypatch.setenv('CXX', 'false')  # a "compiler" that always fails
-  with pytest.raises(RuntimeError, match='depthwise_cpu.cc failed'):
-    depthwise_cpu._build()
+  with pytest.raises(RuntimeError, match='depthwise_kernel.cc failed'):
+    cpu.depthwise_kernel._build()
   assert os.listdir(tmp_path) == []  # no half-written library left to load later
+
+
+def test_platform_picks_the_forms_by_backend_and_refuses_cpu_only_ones_elsewhere():
+  assert [platform.conv_form(backend=b) for b in ('cpu', 'tpu')] == ['matmul', 'native']
+  assert [platform.batch_norm_form(backend=b) for b in ('cpu', 'tpu')] == ['closed_form', 'autodiff']
+  assert platform.depthwise_form(backend='gpu') == 'native'
+  # Forms in XLA alone run anywhere when set; the C++ custom call only on CPU.
+  assert platform.depthwise_form('shifted', backend='tpu') == 'shifted'
+  assert platform.conv_form('matmul', backend='tpu') == 'matmul'
+  assert platform.depthwise_form('kernel', backend='cpu') == 'kernel'
+  with pytest.raises(errors.UserError, match=r"depthwise form 'kernel' is an XLA:CPU custom call "
+                     r"and this run is on tpu: expected \"auto\" or one of \('native', 'shifted'\)"):
+    platform.depthwise_form('kernel', backend='tpu')
+  with pytest.raises(errors.UserError, match="batch_norm form must be .* got 'folded'"):
+    platform.batch_norm_form('folded')

@@ -1,11 +1,11 @@
-"""The depthwise convolution as a compiled XLA:CPU custom call (depthwise_cpu.cc), with its gradient.
+"""The depthwise conv and its gradient as compiled XLA:CPU custom calls (depthwise_kernel.cc).
 
 XLA:CPU runs the kernel gradient of a depthwise conv (a per-channel sum over every pixel of k*k
 products) as scalar loops striding across channels: in MnasNet-A1's training step at 224 px it
 took a quarter of the step. The C++ kernels sum along the contiguous channel axis instead. They are
 compiled with the machine's C++ compiler on first use (a few seconds) and cached per source and
 CPU; `available()` says whether that worked, and platform.depthwise_form falls back to the 'shifted'
-form when it did not.
+form (forms.py) when it did not.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from absl import logging
 
 from mnasnet_jax import blocks as blocks_lib
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'depthwise_cpu.cc')
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'depthwise_kernel.cc')
 FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC')
 _TARGETS = {'forward': 'MnasDepthwiseForward', 'backward': 'MnasDepthwiseBackward'}
 
@@ -52,7 +52,7 @@ def _build() -> str:
     source = f.read()
   key = hashlib.sha256(source + jax.__version__.encode() + ' '.join(FLAGS).encode() +
                        _cpu_identity().encode()).hexdigest()[:16]
-  path = os.path.join(cache_dir(), f'depthwise_cpu_{key}.so')
+  path = os.path.join(cache_dir(), f'depthwise_kernel_{key}.so')
   if os.path.exists(path):
     return path
   compiler = os.environ.get('CXX') or shutil.which('g++') or shutil.which('c++')

@@ -3,7 +3,8 @@
 Autodiff of nn.BatchNorm keeps `x - mean` as a residual beside `x`: one more full-size tensor
 written in the forward pass and read back in the backward, for every BN layer. A MnasNet training
 step on XLA:CPU is bound by memory traffic, and those tensors were a large part of it. The gradient
-here is the textbook one over the global batch, recomputed from `x` alone.
+here is the textbook one over the global batch, recomputed from `x` alone. platform.batch_norm_form
+chooses it on CPU, where it was measured; elsewhere nn.BatchNorm runs.
 """
 
 from __future__ import annotations
@@ -65,22 +66,24 @@ normalize_batch.defvjp(_normalize_batch_fwd, _normalize_batch_bwd)
 
 class BatchNorm(nn.Module):
   """nn.BatchNorm over NHWC inputs with the same variables ('scale', 'bias'; batch_stats 'mean',
-  'var'), momentum rule and statistics; only its gradient is computed differently."""
+  'var'), arguments, momentum rule and statistics; only its gradient is computed differently."""
 
-  use_running_average: bool
+  use_running_average: bool | None = None
   momentum: float = 0.99
   epsilon: float = 1e-3
   dtype: Any = jnp.float32
   axis_name: str | None = None
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, use_running_average: bool | None = None):
+    use_running_average = nn.merge_param('use_running_average', self.use_running_average,
+                                         use_running_average)
     features = (x.shape[-1],)
     scale = self.param('scale', nn.initializers.ones, features, jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, features, jnp.float32)
     running_mean = self.variable('batch_stats', 'mean', jnp.zeros, features, jnp.float32)
     running_var = self.variable('batch_stats', 'var', jnp.ones, features, jnp.float32)
-    if self.use_running_average:
+    if use_running_average:
       y = _affine(x, running_mean.value, running_var.value, scale, bias, self.epsilon)
     else:
       # During init the batch axis may not exist yet, as in nn.BatchNorm.

@@ -33,7 +33,7 @@ ffi::Error CheckShapes(ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32>& kernel) 
   if (x.dimensions().size() != 4 || kernel.dimensions().size() != 4 ||
       kernel.dimensions()[2] != 1 || kernel.dimensions()[3] != x.dimensions()[3]) {
     return ffi::Error::InvalidArgument(
-        "depthwise_cpu: expected x [N, H, W, C] and kernel [kh, kw, 1, C]");
+        "depthwise_kernel: expected x [N, H, W, C] and kernel [kh, kw, 1, C]");
   }
   return ffi::Error::Success();
 }

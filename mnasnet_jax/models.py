@@ -3,6 +3,10 @@
 Stem (3x3/2 conv, BN, ReLU), the blocks' layers, head (1x1 conv to 1280, never scaled by the depth
 multiplier, BN, ReLU), global average pool, dropout, dense. Convs have no bias; BN uses momentum 0.99
 and epsilon 1e-3; initialisers are the official ones. Parameters are float32, compute is `dtype`.
+
+This is the one description of the network: training runs it with the forms `platform` picks for
+the device (mnasnet_jax/cpu/ holds the CPU ones), the TFLite export and the latency table's units
+run it (or its Stem, MnasLayer, Head alone) with the native forms and BN folded (latency/export.py).
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Sequence, Union
+from typing import Any, Callable, Sequence, Union
 
 import flax.linen as nn
 import jax
@@ -115,6 +119,20 @@ def conv_native(x, kernel, stride: int):
                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
+class FoldedBatchNorm(nn.Module):
+  """A BatchNorm folded into the conv before it (latency/export.fold_batchnorm): in inference BN is
+  an affine map per channel, whose scale the conv's kernel has taken; its offset is left here."""
+
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, use_running_average: bool = True):
+    if not use_running_average:
+      raise ValueError('a folded BatchNorm has no batch statistics: it runs in inference only')
+    return x + self.param('bias', nn.initializers.zeros, (x.shape[-1],), jnp.float32).astype(
+        self.dtype)
+
+
 DEPTHWISE = {'native': depthwise_native, **cpu.DEPTHWISE}
 CONV = {'native': conv_native, **cpu.CONV}
 BATCH_NORM = {'autodiff': nn.BatchNorm, **cpu.BATCH_NORM}
@@ -159,7 +177,10 @@ class Conv(nn.Module):
     return y
 
 
-# --- layers ---------------------------------------------------------------------------------------
+# --- the network's parts: stem, layers, head ----------------------------------------------------
+#
+# Each part takes `norm`, a constructor of the BN that follows each conv (MnasNet.norm), and is a
+# unit of the latency table on its own (latency/export.py).
 
 def pool_to_stride(x, stride: int):
   """The pooling skip's downsampling: the mean of each stride x stride window (padding not counted)."""
@@ -184,11 +205,26 @@ class SqueezeExcite(nn.Module):
     return x * s
 
 
+class Stem(nn.Module):
+  """3x3/2 conv, BN, ReLU; its variables are `stem` and `stem_bn`."""
+
+  filters: int
+  norm: Callable[..., nn.Module]
+  conv: str
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, train: bool):
+    x = Conv(self.filters, 3, self.conv, stride=2, dtype=self.dtype, name='stem')(
+        images.astype(self.dtype))
+    return nn.relu(self.norm(name='stem_bn')(x, use_running_average=not train))
+
+
 class MnasLayer(nn.Module):
   """One layer of a block: an inverted bottleneck (or a regular conv), SE, and its skip."""
 
   spec: blocks_lib.Layer
-  norm: Any
+  norm: Callable[..., nn.Module]
   depthwise: str
   conv: str
   dtype: Any = jnp.float32
@@ -198,37 +234,59 @@ class MnasLayer(nn.Module):
     spec = self.spec
     conv = functools.partial(Conv, form=self.conv, dtype=self.dtype)
     pointwise = functools.partial(conv, kernel_size=1)
-    norm = functools.partial(self.norm, use_running_average=not train)
+    bn = lambda x, name: self.norm(name=name)(x, use_running_average=not train)
     se = functools.partial(SqueezeExcite, spec.se_filters, self.conv, self.dtype, name='se')
     inputs = x
     if spec.op == 'conv':
       x = conv(spec.out_filters, spec.kernel, stride=spec.stride, name='conv')(x)
-      x = nn.relu(norm(name='conv_bn')(x))
+      x = nn.relu(bn(x, 'conv_bn'))
       if spec.se_filters:
         x = se()(x)
     else:
       if spec.expand != 1:
         x = pointwise(spec.hidden_filters, name='expand')(x)
-        x = nn.relu(norm(name='expand_bn')(x))
+        x = nn.relu(bn(x, 'expand_bn'))
       x = DepthwiseConv(spec.kernel, spec.stride, self.depthwise, self.dtype, name='depthwise')(x)
-      x = nn.relu(norm(name='depthwise_bn')(x))
+      x = nn.relu(bn(x, 'depthwise_bn'))
       if spec.se_filters:
         x = se()(x)
       x = pointwise(spec.out_filters, name='project')(x)
-      x = norm(name='project_bn')(x)
+      x = bn(x, 'project_bn')
     if spec.residual:
       shortcut = pool_to_stride(inputs, spec.stride)
       if spec.projects_shortcut:
         shortcut = pointwise(spec.out_filters, name='shortcut')(shortcut)
-        shortcut = norm(name='shortcut_bn')(shortcut)
+        shortcut = bn(shortcut, 'shortcut_bn')
       x = x + shortcut
     return x
+
+
+class Head(nn.Module):
+  """1x1 conv to `filters` (never scaled by the depth multiplier), BN, ReLU, global average pool,
+  dropout, dense; its variables are `head`, `head_bn` and `classifier`."""
+
+  num_classes: int
+  filters: int
+  dropout_rate: float
+  norm: Callable[..., nn.Module]
+  conv: str
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = Conv(self.filters, 1, self.conv, dtype=self.dtype, name='head')(x)
+    x = nn.relu(self.norm(name='head_bn')(x, use_running_average=not train))
+    x = jnp.mean(x, axis=(1, 2))
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    return nn.Dense(self.num_classes, kernel_init=dense_kernel_init, dtype=self.dtype,
+                    name='classifier')(x)
 
 
 class MnasNet(nn.Module):
   """MnasNet from block strings; `bn_axis_name` makes BN average statistics across devices.
 
-  `depthwise`, `conv` and `batch_norm` name the forms of those ops (DEPTHWISE, CONV, BATCH_NORM).
+  `depthwise`, `conv` and `batch_norm` name the forms of those ops (DEPTHWISE, CONV, BATCH_NORM);
+  'folded' is the inference graph's BN, on variables from latency/export.fold_batchnorm.
   """
 
   blocks: tuple[str, ...]
@@ -250,27 +308,42 @@ class MnasNet(nn.Module):
     scaled = blocks_lib.scale(self.blocks, self.depth_multiplier)
     return blocks_lib.layers(scaled, stem, blocks_lib.same_output_size(resolution, 2))
 
+  @nn.nowrap
+  def norm(self) -> Callable[..., nn.Module]:
+    """The constructor of the BN after each conv, given its name."""
+    if self.batch_norm == 'folded':
+      return functools.partial(FoldedBatchNorm, dtype=self.dtype)
+    return functools.partial(BATCH_NORM[self.batch_norm], momentum=self.bn_momentum,
+                             epsilon=self.bn_epsilon, dtype=self.dtype, axis_name=self.bn_axis_name)
+
+  # The parts with this network's forms; each is a module of its own (a latency table's unit).
+
+  @nn.nowrap
+  def stem(self, filters: int) -> Stem:
+    return Stem(filters, self.norm(), self.conv, self.dtype)
+
+  @nn.nowrap
+  def layer(self, spec: blocks_lib.Layer, name: str | None = None) -> MnasLayer:
+    return MnasLayer(spec, self.norm(), self.depthwise, self.conv, self.dtype, name=name)
+
+  @nn.nowrap
+  def head(self) -> Head:
+    return Head(self.num_classes, self.head_filters, self.dropout_rate, self.norm(), self.conv,
+                self.dtype)
+
   @nn.compact
   def __call__(self, images, train: bool = False):
     if images.ndim != 4 or images.shape[1] != images.shape[2]:
       raise ValueError(f'expected square NHWC images, got shape {images.shape}')
-    norm = functools.partial(BATCH_NORM[self.batch_norm], momentum=self.bn_momentum,
-                             epsilon=self.bn_epsilon, dtype=self.dtype, axis_name=self.bn_axis_name)
-    conv = functools.partial(Conv, form=self.conv, dtype=self.dtype)
-    x = images.astype(self.dtype)
-    stem = blocks_lib.round_filters(self.stem_filters, self.depth_multiplier)
-    x = conv(stem, 3, stride=2, name='stem')(x)
-    x = nn.relu(norm(use_running_average=not train, name='stem_bn')(x))
+    # The stem and head keep their variables in the network's own scope, as checkpoints have them.
+    stem = self.stem(blocks_lib.round_filters(self.stem_filters, self.depth_multiplier))
+    nn.share_scope(self, stem)
+    x = stem(images, train)
     for i, spec in enumerate(self.layer_specs(images.shape[1])):
-      x = MnasLayer(spec, norm, self.depthwise, self.conv, self.dtype, name=f'layer_{i}')(
-          x, train)
-    x = conv(self.head_filters, 1, name='head')(x)
-    x = nn.relu(norm(use_running_average=not train, name='head_bn')(x))
-    x = jnp.mean(x, axis=(1, 2))
-    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    x = nn.Dense(self.num_classes, kernel_init=dense_kernel_init, dtype=self.dtype,
-                 name='classifier')(x)
-    return x.astype(jnp.float32)
+      x = self.layer(spec, name=f'layer_{i}')(x, train)
+    head = self.head()
+    nn.share_scope(self, head)
+    return head(x, train).astype(jnp.float32)
 
 
 def create(arch: ArchLike, *, num_classes: int = 1000, depth_multiplier: float = 1.0,

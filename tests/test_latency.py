@@ -2,7 +2,6 @@ import collections
 import functools
 import json
 
-import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -55,14 +54,26 @@ def test_tflite_equals_jax_model(tmp_path):
                  'ADD': 3, 'AVERAGE_POOL_2D': 2, 'FULLY_CONNECTED': 1}
 
 
-def test_profiled_layers_have_the_folded_flax_layers_shapes():
-  # The profiler draws folded parameters directly (no Flax init per layer): the same tree and shapes.
-  for spec in blocks.layers(ARCH, 32, 16):
-    module = models.MnasLayer(spec, functools.partial(nn.BatchNorm, epsilon=1e-3), 'native',
-                              'native')
-    variables = export.random_variables(module, (1, 16, 16, spec.in_filters), train=False)
-    assert (jax.tree_util.tree_map(np.shape, export.fold_batchnorm(variables))
-            == jax.tree_util.tree_map(np.shape, export.random_params(export.layer_param_shapes(spec))))
+def test_folded_model_equals_the_model_and_its_parts_are_the_units():
+  model = models.create(ARCH, num_classes=10, depthwise='native', dtype='float32')
+  images = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+  variables = export.random_variables(model, images.shape, seed=1)
+  folded = export.fold_batchnorm(variables)
+  net = export.inference_model(model)
+  expected = jax.jit(functools.partial(model.apply, train=False))(variables, images)
+  got = jax.jit(net.apply)(folded, images)
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+  # The table's units are that network's parts: the same variables, layer by layer.
+  shapes = jax.tree_util.tree_map(np.shape, folded['params'])
+  unit_shapes = lambda module, shape: jax.tree_util.tree_map(
+      np.shape, export.variable_shapes(module, shape)['params'])
+  assert unit_shapes(net.stem(32), images.shape) == {k: shapes[k] for k in ('stem', 'stem_bn')}
+  specs = model.layer_specs(32)
+  for i, spec in enumerate(specs):
+    shape = (1, spec.resolution, spec.resolution, spec.in_filters)
+    assert unit_shapes(net.layer(spec), shape) == shapes[f'layer_{i}']
+  last = (1, specs[-1].out_resolution, specs[-1].out_resolution, specs[-1].out_filters)
+  assert unit_shapes(net.head(), last) == {k: shapes[k] for k in ('head', 'head_bn', 'classifier')}
 
 
 def test_layer_keys_normalise_what_does_not_change_compute():
@@ -196,7 +207,8 @@ def test_adb_backend_pushes_pins_and_parses(fake_adb):
   backend = profiler.AdbBackend(warmup=2, repeats=5, serial='PHONE1', device_dir='/data/local/tmp/m',
                                 benchmark_binary='/data/local/tmp/benchmark_model', cpu_mask='f0',
                                 instances=2)
-  content = export.stem_tflite(8, 16)
+  net = export.inference_model(models.MnasNet(blocks=(), num_classes=10))
+  content = export.module_tflite(net.stem(8), (1, 16, 16, 3))
   entry = backend.time(content, 'unit')  # two runs of benchmark_model, pooled
   assert entry == pytest.approx({'mean_ms': 0.6005, 'std_ms': 0.014, 'min_ms': 0.58, 'count': 10})
   assert (phone / 'unit.tflite').read_bytes() == content  # the model reached the phone intact
@@ -252,8 +264,21 @@ def test_shipped_tables_cover_the_space_and_named_models(name, arg):
   missing = {table_lib.layer_key(l) for l in space.distinct_layers(table.resolution)} - set(
       table.entries)
   assert not missing
+  net = export.inference_model(models.MnasNet(blocks=(), num_classes=table.num_classes))
   for arch in models.ARCHITECTURES:
     assert table.predict(arch) > 0
+    # Each entry's parameter count is its Flax unit's (the units as the network has them).
+    spec = models.architecture(arch)
+    layers = blocks.layers(spec.blocks, spec.stem_filters,
+                          blocks.same_output_size(table.resolution, 2))
+    res = table.resolution
+    units = [(net.stem(spec.stem_filters), (1, res, res, 3))] + [
+        (net.layer(l), (1, l.resolution, l.resolution, l.in_filters)) for l in layers] + [
+        (net.head(), (1, layers[-1].out_resolution, layers[-1].out_resolution,
+                      layers[-1].out_filters))]
+    keys = table_lib.network_units(arch, table.resolution, table.num_classes)
+    assert [table.entries[k]['params'] for k in keys] == [
+        export.param_count(module, shape) for module, shape in units]
   rng = np.random.default_rng(0)
   archs = [space.decode([rng.integers(c) for c in space.choices]) for _ in range(100)]
   np.testing.assert_allclose(table.predict_batch(archs), [table.predict(a) for a in archs],

@@ -199,14 +199,16 @@ def test_depthwise_kernel_build_failure_is_reported(tmp_path, monkeypatch):
 
 def test_platform_picks_the_forms_by_backend_and_refuses_cpu_only_ones_elsewhere():
   assert [platform.conv_form(backend=b) for b in ('cpu', 'tpu')] == ['matmul', 'native']
-  assert [platform.batch_norm_form(backend=b) for b in ('cpu', 'tpu')] == ['closed_form', 'autodiff']
+  assert [platform.batch_norm_form(backend=b) for b in ('cpu', 'tpu')] == [
+      'closed_form', 'autodiff']
   assert platform.depthwise_form(backend='gpu') == 'native'
   # Forms in XLA alone run anywhere when set; the C++ custom call only on CPU.
   assert platform.depthwise_form('shifted', backend='tpu') == 'shifted'
   assert platform.conv_form('matmul', backend='tpu') == 'matmul'
   assert platform.depthwise_form('kernel', backend='cpu') == 'kernel'
-  with pytest.raises(errors.UserError, match=r"depthwise form 'kernel' is an XLA:CPU custom call "
-                     r"and this run is on tpu: expected \"auto\" or one of \('native', 'shifted'\)"):
+  with pytest.raises(errors.UserError, match=r"depthwise form 'kernel' is an XLA:CPU custom "
+                     r"call and this run is on tpu: expected \"auto\" or one of "
+                     r"\('native', 'shifted'\)"):
     platform.depthwise_form('kernel', backend='tpu')
   with pytest.raises(errors.UserError, match="batch_norm form must be .* got 'folded'"):
     platform.batch_norm_form('folded')

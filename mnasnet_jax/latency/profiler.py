@@ -28,6 +28,7 @@ stopped job resumes where it stopped (on a phone it takes hours). The table goes
 from __future__ import annotations
 
 import datetime
+import functools
 import importlib.metadata
 import json
 import os
@@ -258,8 +259,12 @@ def overhead_tflite() -> bytes:
 
 
 def profile_units(space, architectures, resolution: int, num_classes: int) -> dict:
-  """key -> (a function making that unit's TFLite model, its parameter count), every unit needed."""
-  units = {}
+  """key -> (a function making that unit's TFLite model, its parameter count), every unit needed.
+
+  A unit is a part of the inference network (export.inference_model) exported alone: a stem of
+  each width, each distinct layer, a head of each input width and resolution."""
+  net = export.inference_model(models.MnasNet(blocks=(), num_classes=num_classes))
+  parts = {}  # key -> (module, input shape)
   stems, heads = {space.stem_filters} if space else set(), set()
   layers = set(space.distinct_layers(resolution)) if space else set()
   stem_res = blocks_lib.same_output_size(resolution, 2)
@@ -276,17 +281,15 @@ def profile_units(space, architectures, resolution: int, num_classes: int) -> di
     last = arch_layers[-1]
     heads.add((last.out_filters, last.out_resolution))
   for stem in sorted(stems):
-    units[table_lib.stem_key(stem, resolution)] = (
-        lambda s=stem: export.stem_tflite(s, resolution),
-        export.param_count(export.stem_param_shapes(stem)))
+    parts[table_lib.stem_key(stem, resolution)] = (net.stem(stem), (1, resolution, resolution, 3))
   for layer in sorted(layers, key=table_lib.layer_key):
-    units.setdefault(table_lib.layer_key(layer), (
-        lambda l=layer: export.layer_tflite(l), export.param_count(export.layer_param_shapes(layer))))
+    parts.setdefault(table_lib.layer_key(layer), (
+        net.layer(layer), (1, layer.resolution, layer.resolution, layer.in_filters)))
   for width, res in sorted(heads):
-    units[table_lib.head_key(width, res, num_classes)] = (
-        lambda w=width, r=res: export.head_tflite(w, r, num_classes),
-        export.param_count(export.head_param_shapes(width, num_classes)))
-  return units
+    parts[table_lib.head_key(width, res, num_classes)] = (net.head(), (1, res, res, width))
+  return {key: (functools.partial(export.module_tflite, module, shape),
+                export.param_count(module, shape))
+          for key, (module, shape) in parts.items()}
 
 
 # --- the journal ---------------------------------------------------------------------------------

@@ -23,6 +23,8 @@ import dataclasses
 import re
 from typing import Iterable, Sequence, Union
 
+from mnasnet_jax import errors
+
 CONV_OPS = ('mbconv', 'conv')
 SKIP_OPS = ('identity', 'pool', 'none')
 
@@ -58,7 +60,7 @@ class BlockArgs:
 
 def _check(ok: bool, message: str, args: BlockArgs):
   if not ok:
-    raise ValueError(f'{message} in block {args!r}')
+    raise errors.UserError(f'{message} in block {args!r}')
 
 
 _REQUIRED = ('r', 'k', 's', 'e', 'i', 'o')
@@ -67,12 +69,13 @@ _PART = re.compile(r'^([a-z]+)(\d[\d.]*)?$')
 
 
 def decode(block_string: str) -> BlockArgs:
-  """Parses one block string; raises ValueError naming the bad part and the whole string."""
+  """Parses one block string; raises UserError naming the bad part and the whole string."""
   if not isinstance(block_string, str) or not block_string:
-    raise ValueError(f'expected a block string like "r3_k5_s22_e3_i24_o40_se0.25", got {block_string!r}')
+    raise errors.UserError('expected a block string like "r3_k5_s22_e3_i24_o40_se0.25", got '
+                           f'{block_string!r}')
 
   def fail(part, why):
-    raise ValueError(f'bad part {part!r} in block string {block_string!r}: {why}')
+    raise errors.UserError(f'bad part {part!r} in block string {block_string!r}: {why}')
 
   values, fields = {}, {}
   for part in block_string.split('_'):
@@ -99,7 +102,7 @@ def decode(block_string: str) -> BlockArgs:
 
   missing = [k for k in _REQUIRED if k not in values]
   if missing:
-    raise ValueError(f'block string {block_string!r} is missing {", ".join(missing)}')
+    raise errors.UserError(f'block string {block_string!r} is missing {", ".join(missing)}')
 
   def integer(key):
     part, value = values[key]
@@ -124,8 +127,8 @@ def decode(block_string: str) -> BlockArgs:
         repeats=integer('r'), kernel=integer('k'), stride=int(stride_value[0]),
         expand=integer('e'), in_filters=integer('i'), out_filters=integer('o'),
         se_ratio=se_ratio, **fields)
-  except ValueError as e:
-    raise ValueError(f'block string {block_string!r}: {e}') from None
+  except errors.UserError as e:
+    raise errors.UserError(f'block string {block_string!r}: {e}') from None
 
 
 def encode(args: BlockArgs) -> str:

@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mnasnet_jax import errors
+
 STRATEGIES = ('ppo', 'evolution', 'random')
 _MASKED = -1e9  # logit of a padding option: probability exactly 0, no NaN in the entropy
 
@@ -221,8 +223,8 @@ class Evolution:
     self.config = config
     self.choices = tuple(int(c) for c in choices)
     if config.sample_size < 1 or config.population_size < 1:
-      raise ValueError(f'population_size ({config.population_size}) and sample_size '
-                       f'({config.sample_size}) must be positive')
+      raise errors.UserError(f'population_size ({config.population_size}) and sample_size '
+                             f'({config.sample_size}) must be positive')
     if max(self.choices) < 2:
       raise ValueError(f'nothing to mutate: every position has one option ({self.choices})')
     self._ask = jax.jit(self._ask_impl, static_argnums=1)
@@ -324,4 +326,4 @@ def create(config, choices: Sequence[int]):
     return Evolution(config.evolution, choices)
   if config.strategy == 'random':
     return RandomSearch(config, choices)
-  raise ValueError(f'unknown strategy {config.strategy!r}: expected one of {STRATEGIES}')
+  raise errors.UserError(f'unknown strategy {config.strategy!r}: expected one of {STRATEGIES}')

@@ -16,14 +16,17 @@ from typing import Iterable
 
 from absl import logging
 
+from mnasnet_jax import errors
+
 # Fields of every record, in the order they are written (the reader accepts extra fields).
 FIELDS = ('trial', 'step', 'tokens', 'blocks', 'accuracy', 'latency_ms', 'reward', 'params', 'macs',
           'status', 'reason', 'eval_seconds', 'compile_seconds', 'train_seconds', 'process')
 STATUSES = ('ok', 'failed')
 
 
-class HistoryError(ValueError):
-  """A history file that cannot be a record of this search (not a harmless truncated line)."""
+class HistoryError(errors.UserError):
+  """A history file that cannot be a record of this search (not a harmless truncated line): the
+  workdir holds something else, which the user fixes by choosing another."""
 
 
 def _clean(value):

@@ -24,7 +24,7 @@ input average-pooled to the stride and projected by a 1x1 conv + BN when the wid
 A layer count that would reach 0 removes the block (`r0`): the next block takes the tensor the
 removed block would have taken. Only stride-1 blocks may be removed (with MobileNetV2's n = 1 blocks,
 the first and the last, `-1` removes them), so the resolution at every block is fixed; a config in
-which a strided block could reach 0 layers, or any block fewer, raises ValueError here.
+which a strided block could reach 0 layers, or any block fewer, raises UserError here.
 
 Decoded strings are self-consistent: each block's `i` is the width of the tensor that reaches it (the
 previous non-empty block's `o`, else the stem's), so `models` and the latency table agree on every
@@ -43,6 +43,7 @@ import re
 from typing import Sequence
 
 from mnasnet_jax import blocks
+from mnasnet_jax import errors
 
 DECISIONS = ('conv_op', 'kernel', 'se_ratio', 'skip', 'filters', 'layers')
 _CONFIG_FIELDS = {'conv_op': 'conv_ops', 'kernel': 'kernels', 'se_ratio': 'se_ratios',
@@ -59,8 +60,8 @@ def parse_conv_op(name: str) -> tuple[str, int]:
   match = _MBCONV.match(str(name))
   if match and int(match.group(1)) >= 1:
     return 'mbconv', int(match.group(1))
-  raise ValueError(f"unknown conv op {name!r}: expected 'conv', 'sepconv' or 'mbconv<expansion>' "
-                   "such as 'mbconv6'")
+  raise errors.UserError(f"unknown conv op {name!r}: expected 'conv', 'sepconv' or "
+                         "'mbconv<expansion>' such as 'mbconv6'")
 
 
 class SearchSpace:
@@ -72,36 +73,37 @@ class SearchSpace:
     searched = tuple(int(b) for b in config.searched_blocks)
     for b in searched:
       if not 0 <= b < len(self.base):
-        raise ValueError(f'searched block {b} does not exist: the base network has blocks '
-                         f'0..{len(self.base) - 1}')
+        raise errors.UserError(f'searched block {b} does not exist: the base network has blocks '
+                               f'0..{len(self.base) - 1}')
     if len(set(searched)) != len(searched):
-      raise ValueError(f'searched_blocks lists a block twice: {searched}')
+      raise errors.UserError(f'searched_blocks lists a block twice: {searched}')
     self.searched = tuple(sorted(searched))
     self.options = {}
     for decision in DECISIONS:
       values = tuple(config[_CONFIG_FIELDS[decision]])
       if not values:
-        raise ValueError(f'config.{_CONFIG_FIELDS[decision]} needs at least one option')
+        raise errors.UserError(f'config.{_CONFIG_FIELDS[decision]} needs at least one option')
       self.options[decision] = values
     self.conv_ops = tuple(parse_conv_op(name) for name in self.options['conv_op'])
     for skip in self.options['skip']:
       if skip not in blocks.SKIP_OPS:
-        raise ValueError(f'unknown skip op {skip!r} in config.skip_ops: expected one of '
-                         f'{blocks.SKIP_OPS}')
+        raise errors.UserError(f'unknown skip op {skip!r} in config.skip_ops: expected one of '
+                               f'{blocks.SKIP_OPS}')
     for kernel in self.options['kernel']:
       if int(kernel) < 1 or int(kernel) % 2 == 0:
-        raise ValueError(f'kernel {kernel!r} in config.kernels: expected an odd size >= 1')
+        raise errors.UserError(f'kernel {kernel!r} in config.kernels: expected an odd size >= 1')
     for ratio in self.options['se_ratio']:
       if not 0.0 <= float(ratio) <= 1.0:
-        raise ValueError(f'se ratio {ratio!r} in config.se_ratios: expected a value in [0, 1]')
+        raise errors.UserError(f'se ratio {ratio!r} in config.se_ratios: expected a value in '
+                               '[0, 1]')
     for multiplier in self.options['filters']:
       if float(multiplier) <= 0:
-        raise ValueError(f'filter multiplier {multiplier!r}: expected a positive number')
+        raise errors.UserError(f'filter multiplier {multiplier!r}: expected a positive number')
     for b, base in enumerate(self.base):
       deltas = self.options['layers'] if b in self.searched else (0,)
       fewest = base.repeats + min(int(d) for d in deltas)
       if fewest < 0 or (fewest == 0 and base.stride != 1):
-        raise ValueError(
+        raise errors.UserError(
             f'block {b} ({blocks.encode(base)}) could have {fewest} layers: only stride-1 blocks may '
             'be removed (reach 0 layers), and no block may have fewer; narrow config.layer_deltas '
             'or fix the block')

@@ -1,6 +1,7 @@
 import pytest
 
 from mnasnet_jax import blocks
+from mnasnet_jax import errors
 from mnasnet_jax import models
 
 
@@ -45,14 +46,14 @@ def test_extensions_round_trip(block_string):
     ('R3_k5_s22_e3_i24_o40', "'R3'"),
 ])
 def test_malformed_strings_name_the_part_and_the_string(bad, part):
-  with pytest.raises(ValueError) as info:
+  with pytest.raises(errors.UserError) as info:
     blocks.decode(bad)
   assert part in str(info.value) and repr(bad) in str(info.value)
 
 
 @pytest.mark.parametrize('bad', ['', None, 42])
 def test_not_a_string(bad):
-  with pytest.raises(ValueError, match='expected a block string'):
+  with pytest.raises(errors.UserError, match='expected a block string'):
     blocks.decode(bad)
 
 

@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+from mnasnet_jax import errors
 from mnasnet_jax import history
 
 
@@ -68,6 +69,7 @@ def test_corrupt_middle_line_and_bad_records(tmp_path):
   open(path, 'w').write('{"trial": 0, "step": 0, "status": "ok"}\nnot json\n')
   with pytest.raises(history.HistoryError, match='line 2: not a JSON record'):
     history.History(path)
+  assert issubclass(history.HistoryError, errors.UserError)  # the launcher prints it in a line
   h = history.History(str(tmp_path / 'other.jsonl'))
   with pytest.raises(ValueError, match="status 'done'"):
     h.append(_record(0, status='done'))

@@ -32,6 +32,7 @@ from typing import Iterable
 import numpy as np
 
 from mnasnet_jax import blocks as blocks_lib
+from mnasnet_jax import errors
 from mnasnet_jax import models
 
 FORMAT = 'mnasnet_jax.latency_table'
@@ -45,8 +46,8 @@ def shipped_table(name: str) -> str:
   path = os.path.join(TABLES_DIR, name)
   if not os.path.isfile(path):
     available = sorted(f for f in os.listdir(TABLES_DIR) if f.endswith('.json'))
-    raise FileNotFoundError(f'no shipped latency table {name!r} in {TABLES_DIR}: expected one of '
-                            f'{available}')
+    raise errors.UserError(f'no shipped latency table {name!r} in {TABLES_DIR}: expected one of '
+                           f'{available}')
   return path
 
 
@@ -93,7 +94,7 @@ def fit_calibration(sums, units, measured) -> tuple[float, float]:
 
 
 def _corrupt(path, what):
-  return ValueError(f'corrupt latency table {path}: {what}')
+  return errors.UserError(f'corrupt latency table {path}: {what}')
 
 
 class LatencyTable:

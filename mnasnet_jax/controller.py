@@ -16,10 +16,17 @@ the clipped surrogate on whole-sequence probability ratios, advantage = reward -
 average baseline (optionally divided by the batch's reward spread), an optional entropy bonus, several
 epochs of Adam minibatch updates per batch.
 `tell` treats its tokens as sampled by the current policy (as after the `ask` that produced them).
+
+Every strategy runs on the CPU backend at 'highest' matmul precision, whatever the default device:
+a TPU's default multiplies in bfloat16 passes, so the same state would sample other tokens on a TPU
+than on a GPU or CPU, and a search resumed on another platform would disagree with its own history.
+The controller is a few thousand multiply-adds a step; the CPU costs it nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from typing import Sequence
 
@@ -32,6 +39,25 @@ from mnasnet_jax import errors
 
 STRATEGIES = ('ppo', 'evolution', 'random')
 _MASKED = -1e9  # logit of a padding option: probability exactly 0, no NaN in the entropy
+
+
+@contextlib.contextmanager
+def on_cpu():
+  """This process's first CPU device as the default device, at 'highest' matmul precision."""
+  cpu = jax.local_devices(backend='cpu')[0]
+  with jax.default_device(cpu), jax.default_matmul_precision('highest'):
+    yield cpu
+
+
+def _on_cpu(method):
+  """A strategy's init, ask or tell run `on_cpu`, its state (a dict of arrays) moved there first."""
+
+  @functools.wraps(method)
+  def run(self, state, *args):
+    with on_cpu() as cpu:
+      return method(self, jax.device_put(state, cpu) if isinstance(state, dict) else state, *args)
+
+  return run
 
 
 def _uniform_tokens(key, choices: jnp.ndarray, num: int) -> jnp.ndarray:
@@ -148,6 +174,7 @@ class PPO:
     self._sample = jax.jit(self._sample_impl, static_argnums=1)
     self._update = jax.jit(self._update_impl)
 
+  @_on_cpu
   def init(self, seed: int) -> dict:
     key, init_key = jax.random.split(jax.random.PRNGKey(seed))
     params = init_policy(init_key, self.choices, self.config.hidden_size, self.config.init_range)
@@ -159,6 +186,7 @@ class PPO:
     tokens, _ = sample(state['params'], sample_key, self.choices, num, self.config.temperature)
     return tokens, {**state, 'key': key}
 
+  @_on_cpu
   def ask(self, state, num: int):
     tokens, state = self._sample(state, _check_num(num))
     return np.array(tokens), state
@@ -204,6 +232,7 @@ class PPO:
                'clip_fraction': info['clip_fraction'][-1].mean()}
     return new_state, metrics
 
+  @_on_cpu
   def tell(self, state, tokens, rewards):
     tokens, rewards = _as_batch(tokens, rewards, len(self.choices))
     state, metrics = self._update(state, tokens, rewards)
@@ -230,6 +259,7 @@ class Evolution:
     self._ask = jax.jit(self._ask_impl, static_argnums=1)
     self._tell = jax.jit(self._tell_impl)
 
+  @_on_cpu
   def init(self, seed: int) -> dict:
     size = self.config.population_size
     return {'population': jnp.zeros((size, len(self.choices)), jnp.int32),
@@ -256,6 +286,7 @@ class Evolution:
     tokens = jnp.where(state['count'] >= size, children, random)
     return tokens, {**state, 'key': key}
 
+  @_on_cpu
   def ask(self, state, num: int):
     tokens, state = self._ask(state, _check_num(num))
     return np.array(tokens), state
@@ -278,6 +309,7 @@ class Evolution:
                'population_best_reward': jnp.max(jnp.where(alive, values, -jnp.inf))}
     return new_state, metrics
 
+  @_on_cpu
   def tell(self, state, tokens, rewards):
     tokens, rewards = _as_batch(tokens, rewards, len(self.choices))
     state, metrics = self._tell(state, tokens, rewards)
@@ -294,6 +326,7 @@ class RandomSearch:
     self.choices = tuple(int(c) for c in choices)
     self._ask = jax.jit(self._ask_impl, static_argnums=1)
 
+  @_on_cpu
   def init(self, seed: int) -> dict:
     return {'key': jax.random.PRNGKey(seed), 'step': jnp.zeros((), jnp.int32),
             'best_reward': jnp.full((), -jnp.inf, jnp.float32)}
@@ -302,10 +335,12 @@ class RandomSearch:
     key, sample_key = jax.random.split(state['key'])
     return _uniform_tokens(sample_key, jnp.asarray(self.choices), num), {**state, 'key': key}
 
+  @_on_cpu
   def ask(self, state, num: int):
     tokens, state = self._ask(state, _check_num(num))
     return np.array(tokens), state
 
+  @_on_cpu
   def tell(self, state, tokens, rewards):
     tokens, rewards = _as_batch(tokens, rewards, len(self.choices))
     best = jnp.maximum(state['best_reward'], jnp.max(rewards))

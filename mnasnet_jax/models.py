@@ -23,6 +23,7 @@ import numpy as np
 from jax import lax
 
 from mnasnet_jax import blocks as blocks_lib
+from mnasnet_jax import bn_groups
 from mnasnet_jax import cpu
 from mnasnet_jax import errors
 from mnasnet_jax import platform
@@ -135,7 +136,7 @@ class FoldedBatchNorm(nn.Module):
 
 DEPTHWISE = {'native': depthwise_native, **cpu.DEPTHWISE}
 CONV = {'native': conv_native, **cpu.CONV}
-BATCH_NORM = {'autodiff': nn.BatchNorm, **cpu.BATCH_NORM}
+BATCH_NORM = {'autodiff': bn_groups.BatchNorm, **cpu.BATCH_NORM}
 
 
 class DepthwiseConv(nn.Module):
@@ -302,6 +303,8 @@ class MnasNet(nn.Module):
   batch_norm: str = 'autodiff'
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
+  bn_group_size: int | None = None  # images per BN statistic (bn_groups.py); None: the whole batch
+  remat: bool = False  # recompute each layer's activations in the backward pass (memory.py)
 
   def layer_specs(self, resolution: int) -> list[blocks_lib.Layer]:
     stem = blocks_lib.round_filters(self.stem_filters, self.depth_multiplier)
@@ -314,7 +317,8 @@ class MnasNet(nn.Module):
     if self.batch_norm == 'folded':
       return functools.partial(FoldedBatchNorm, dtype=self.dtype)
     return functools.partial(BATCH_NORM[self.batch_norm], momentum=self.bn_momentum,
-                             epsilon=self.bn_epsilon, dtype=self.dtype, axis_name=self.bn_axis_name)
+                             epsilon=self.bn_epsilon, dtype=self.dtype, axis_name=self.bn_axis_name,
+                             group_size=self.bn_group_size)
 
   # The parts with this network's forms; each is a module of its own (a latency table's unit).
 
@@ -324,7 +328,8 @@ class MnasNet(nn.Module):
 
   @nn.nowrap
   def layer(self, spec: blocks_lib.Layer, name: str | None = None) -> MnasLayer:
-    return MnasLayer(spec, self.norm(), self.depthwise, self.conv, self.dtype, name=name)
+    layer = nn.remat(MnasLayer, static_argnums=(2,)) if self.remat else MnasLayer  # 2: `train`
+    return layer(spec, self.norm(), self.depthwise, self.conv, self.dtype, name=name)
 
   @nn.nowrap
   def head(self) -> Head:

@@ -11,9 +11,9 @@ best, chosen off CPU) and forms written for XLA:CPU (mnasnet_jax/cpu/, chosen on
 * Regular (1x1, stem, k x k) convolution (CONV_FORMS): XLA:CPU runs a conv's weight gradient as a
   conv with an image-sized window, tens of times slower than the same sums as a matrix product over
   the windows ('matmul', im2col).
-* BatchNorm (BATCH_NORM_FORMS): autodiff of nn.BatchNorm ('autodiff') keeps one more full-size
-  tensor per BN for the backward pass; on CPU, where a step is bound by memory traffic, the gradient
-  in closed form ('closed_form', cpu/batch_norm.py) recomputes it from the input instead.
+* BatchNorm (BATCH_NORM_FORMS): autodiff of BatchNorm ('autodiff', bn_groups.py) keeps one more
+  full-size tensor per BN for the backward pass; on CPU, where a step is bound by memory traffic,
+  the gradient in closed form ('closed_form', cpu/batch_norm.py) recomputes it from the input.
 * Compute dtype: bfloat16 on TPU (its MXU's native input type), float32 elsewhere. Parameters stay
   float32 everywhere.
 * The data-parallel mesh: one axis over every device of every process.
@@ -68,8 +68,8 @@ def conv_form(setting: str = 'auto', backend: str | None = None) -> str:
 
 
 def batch_norm_form(setting: str = 'auto', backend: str | None = None) -> str:
-  """'autodiff' (nn.BatchNorm) on TPU/GPU, 'closed_form' (its gradient by hand) on CPU, unless
-  set."""
+  """'autodiff' (bn_groups.BatchNorm) on TPU/GPU, 'closed_form' (its gradient by hand) on CPU,
+  unless set."""
   return _form('batch_norm', setting, BATCH_NORM_FORMS, lambda: 'closed_form', backend)
 
 

@@ -33,13 +33,10 @@ regularised evolution needs a third of PPO's.
 
 import json
 import os
-import sys
 import time
 
 from absl import app
 from absl import flags
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

@@ -18,14 +18,11 @@ The last line printed is one JSON object.
 
 import json
 import os
-import sys
 import tempfile
 import time
 
 from absl import app
 from absl import flags
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402

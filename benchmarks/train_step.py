@@ -11,25 +11,21 @@ and evaluation. The last line printed is one JSON object.
 
 import functools
 import json
-import os
-import sys
 import time
 
 from absl import app
 from absl import flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from configs import search as search_config  # noqa: E402
-from configs import train as train_config  # noqa: E402
 from mnasnet_jax import allocator  # noqa: E402
 from mnasnet_jax import input_pipeline  # noqa: E402
 from mnasnet_jax import platform  # noqa: E402
 from mnasnet_jax import train  # noqa: E402
+from mnasnet_jax.configs import search as search_config  # noqa: E402
+from mnasnet_jax.configs import train as train_config  # noqa: E402
 
 _ARCH = flags.DEFINE_string('arch', 'mnasnet_a1', 'Named architecture or comma-separated blocks.')
 _BATCH = flags.DEFINE_integer('batch', 16, 'Training batch size.')

@@ -1,25 +1,4 @@
-"""Exports an architecture to TFLite: `python launch/main.py --config=configs/export.py --workdir=DIR`.
+"""The path `--config=` takes (ml_collections loads a file); the config is in the package:
+mnasnet_jax/configs/export.py."""
 
-`--config.arch` is a named architecture or comma-separated block strings; `--config.checkpoint_dir`
-the workdir of a `configs/train.py` run whose trained (EMA) weights to export; unset, the weights are
-random (enough for latency). Writes DIR/model.tflite.
-"""
-
-import ml_collections
-from ml_collections import config_dict
-
-
-def get_config(arg=None):
-  if arg not in (None, '', 'local'):
-    raise ValueError(f'unknown export config argument {arg!r}: expected none or "local"')
-  local = arg == 'local'
-  config = ml_collections.ConfigDict()
-  config.job = 'export'
-  config.arch = 'mnasnet_a1'
-  config.resolution = 32 if local else 224
-  config.num_classes = 10 if local else 1000
-  config.depth_multiplier = 1.0
-  config.checkpoint_dir = config_dict.placeholder(str)
-  config.use_ema = True  # export the moving average of the weights when the checkpoint has one
-  config.filename = 'model.tflite'
-  return config
+from mnasnet_jax.configs.export import get_config  # noqa: F401

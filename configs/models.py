@@ -1,14 +1,4 @@
-"""Prints the named architectures' sizes: `python launch/main.py --config=configs/models.py`."""
+"""The path `--config=` takes (ml_collections loads a file); the config is in the package:
+mnasnet_jax/configs/models.py."""
 
-import ml_collections
-
-
-def get_config():
-  config = ml_collections.ConfigDict()
-  config.job = 'summary'
-  config.architectures = ('mnasnet_a1', 'mnasnet_b1', 'mnasnet_small', 'mnasnet_d1',
-                          'mnasnet_d1_320', 'mobilenet_v2')
-  config.depth_multiplier = 1.0
-  config.resolution = 224
-  config.num_classes = 1000
-  return config
+from mnasnet_jax.configs.models import get_config  # noqa: F401

@@ -24,6 +24,8 @@ from typing import Iterator
 
 import numpy as np
 
+from mnasnet_jax import errors
+
 # ImageNet's per-channel statistics, on the 0-255 scale (official preprocessing).
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
@@ -35,7 +37,7 @@ NUM_CLASSES = {'imagenet2012': 1000, 'fashion_mnist': 10, 'digits': 10}
 FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
 
 
-class DatasetMissingError(RuntimeError):
+class DatasetMissingError(errors.UserError):
   """The dataset is not on this machine; the message says how to get it."""
 
 
@@ -72,15 +74,14 @@ def create(config, split: str, process_index: int = 0, process_count: int = 1) -
   if config.dataset == 'imagenet2012':
     return ImageNet(config, split, process_index, process_count)
   if config.dataset == 'fashion_mnist':
-    (train_x, train_y), (test_x, test_y) = load_fashion_mnist(config.get('data_dir'),
-                                                               config.get('download', False))
+    (train_x, train_y), (test_x, test_y) = load_fashion_mnist(config.data_dir, config.download)
   elif config.dataset == 'digits':
-    train_x, train_y, test_x, test_y = load_digits(config.get('test_size', 360), config.split_seed)
+    train_x, train_y, test_x, test_y = load_digits(config.test_size, config.split_seed)
   elif config.dataset == 'synthetic':
     train_x, train_y, test_x, test_y = synthetic(
         config.num_train, config.num_eval, config.image_size, config.num_classes, config.split_seed)
   else:
-    raise ValueError(f'unknown dataset {config.dataset!r}: expected one of {DATASETS}')
+    raise errors.UserError(f'unknown dataset {config.dataset!r}: expected one of {DATASETS}')
   if split == 'search':
     (train_x, train_y), (test_x, test_y) = holdout(train_x, train_y, config.holdout,
                                                    config.split_seed)
@@ -97,7 +98,8 @@ def create_proxy_data(config, process_index: int = 0, process_count: int = 1) ->
 def holdout(images, labels, count: int, seed: int):
   """(rest, held out): `count` examples drawn at random, without replacement, as the validation set."""
   if not 0 < count < len(labels):
-    raise ValueError(f'holdout must be in (0, {len(labels)}) for this dataset, got {count}')
+    raise errors.UserError(f'holdout {count}: expected a number in (0, {len(labels)}) for this '
+                           'dataset')
   order = np.random.default_rng(seed).permutation(len(labels))
   held, rest = order[:count], order[count:]
   return (images[rest], labels[rest]), (images[held], labels[held])
@@ -129,7 +131,8 @@ class ArrayData(Data):
   def train_batches(self, batch_size, seed, start_step=0):
     n = len(self.train_y)
     if not 0 < batch_size <= n:
-      raise ValueError(f'batch size must be in (0, {n}] for this shard of {self.name}, got {batch_size}')
+      raise errors.UserError(f'batch size {batch_size}: expected a number in (0, {n}] for this '
+                             f'shard of {self.name}')
     steps_per_epoch = n // batch_size
     step = start_step
     while True:
@@ -180,12 +183,12 @@ def read_idx(path: str) -> np.ndarray:
   with opener(path, 'rb') as f:
     data = f.read()
   if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-    raise ValueError(f'{path} is not an IDX file of unsigned bytes (magic {data[:4]!r})')
+    raise errors.UserError(f'{path} is not an IDX file of unsigned bytes (magic {data[:4]!r})')
   ndim = data[3]
   shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], 'big') for i in range(ndim))
   array = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
   if array.size != math.prod(shape):
-    raise ValueError(f'{path} holds {array.size} bytes, its header says {shape}')
+    raise errors.UserError(f'{path} holds {array.size} bytes, its header says {shape}')
   return array.reshape(shape)
 
 
@@ -259,7 +262,8 @@ def imagenet_splits(split: str, holdout_count: int) -> tuple[str, str, int, int]
   if split == 'full':
     return 'train', 'validation', IMAGENET_SIZES['train'], IMAGENET_SIZES['validation']
   if not 0 < holdout_count < IMAGENET_SIZES['train']:
-    raise ValueError(f'holdout must be in (0, {IMAGENET_SIZES["train"]}), got {holdout_count}')
+    raise errors.UserError(f'holdout {holdout_count}: expected a number in '
+                           f'(0, {IMAGENET_SIZES["train"]})')
   return (f'train[{holdout_count}:]', f'train[:{holdout_count}]',
           IMAGENET_SIZES['train'] - holdout_count, holdout_count)
 
@@ -335,11 +339,11 @@ class ImageNet(Data):
     import tensorflow_datasets as tfds
     self.name, self.num_classes, self.image_size = 'imagenet2012', 1000, config.image_size
     self.process_index, self.process_count = process_index, process_count
-    self.shuffle_buffer = config.get('shuffle_buffer', 16384)
+    self.shuffle_buffer = config.shuffle_buffer
     self.train_split, self.eval_split, self.num_train, self.num_eval = imagenet_splits(
         split, config.holdout)
-    data_dir = config.get('data_dir') or os.path.expanduser('~/tensorflow_datasets')
-    manual_dir = config.get('manual_dir') or os.path.join(data_dir, 'downloads', 'manual')
+    data_dir = config.data_dir or os.path.expanduser('~/tensorflow_datasets')
+    manual_dir = config.manual_dir or os.path.join(data_dir, 'downloads', 'manual')
     self.builder = tfds.builder('imagenet2012', data_dir=data_dir)
     if not self.builder.is_prepared():
       archives = [os.path.join(manual_dir, f) for f in

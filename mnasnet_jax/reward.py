@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mnasnet_jax import errors
+
 KINDS = ('soft', 'hard', 'capped', 'absolute')
 # (alpha, beta) each kind uses when the config leaves them None.
 PRESETS = {'soft': (-0.07, -0.07), 'hard': (0.0, -1.0), 'capped': (None, -0.07),
@@ -53,10 +55,10 @@ def absolute_reward(accuracy, latency_ms, target_ms, beta):
 def exponents(config) -> tuple:
   """(alpha, beta) of `config.kind`: the config's values, or the kind's preset where None."""
   if config.kind not in KINDS:
-    raise ValueError(f'unknown reward kind {config.kind!r}: expected one of {KINDS}')
+    raise errors.UserError(f'unknown reward kind {config.kind!r}: expected one of {KINDS}')
   alpha, beta = PRESETS[config.kind]
-  alpha = alpha if config.get('alpha') is None else float(config.alpha)
-  beta = beta if config.get('beta') is None else float(config.beta)
+  alpha = alpha if config.alpha is None else float(config.alpha)
+  beta = beta if config.beta is None else float(config.beta)
   return alpha, beta
 
 

@@ -36,6 +36,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from mnasnet_jax import controller
+from mnasnet_jax import errors
 from mnasnet_jax import history as history_lib
 from mnasnet_jax import input_pipeline
 from mnasnet_jax import latency
@@ -53,10 +54,21 @@ def target_latency(reward_config, table) -> float:
   """T in ms: the configured value, or (None) the table's latency of mobilenet_v2."""
   if reward_config.target_ms is not None:
     if reward_config.target_ms <= 0:
-      raise ValueError(f'config.reward.target_ms = {reward_config.target_ms}: expected a positive '
-                       'latency in milliseconds, or None for the table\'s mobilenet_v2')
+      raise errors.UserError(f'config.reward.target_ms = {reward_config.target_ms}: expected a '
+                             "positive latency in milliseconds, or None for the table's "
+                             'mobilenet_v2')
     return float(reward_config.target_ms)
   return float(table.predict('mobilenet_v2'))
+
+
+def load_table(name_or_path: str) -> latency.LatencyTable:
+  """`config.latency.table`'s table; a path that does not exist is named as the user gave it."""
+  try:
+    return latency.LatencyTable.load(name_or_path)
+  except FileNotFoundError:
+    raise errors.UserError(f'config.latency.table = {name_or_path!r}: no such file; expected a '
+                           'shipped table name (mnasnet_jax/latency/tables/) or the path of a '
+                           'table written by the profile_latency job') from None
 
 
 def enable_compilation_cache(search_config, workdir: str) -> None:
@@ -82,28 +94,34 @@ def _float32(x) -> float:
 
 
 class Search:
-  """One search in one workdir; `run()` goes from wherever the workdir stands to the end."""
+  """One search in one workdir; `run()` goes from wherever the workdir stands to the end.
 
-  def __init__(self, config, workdir: str, data):
+  Everything the config names is checked before the dataset loads, and the dataset before the
+  workdir is touched, so a mistake costs seconds, not a child's training."""
+
+  def __init__(self, config, workdir: str):
     self.config = config
     self.search = config.search
     self.workdir = workdir
-    self.data = data
+    for key in ('num_children', 'children_per_step'):
+      if self.search[key] < 1:
+        raise errors.UserError(f'config.search.{key} = {self.search[key]}: expected at least 1')
     self.space = search_space.SearchSpace(config.search_space)
-    self.table = latency.LatencyTable.load(config.latency.table)
+    self.table = load_table(config.latency.table)
+    self.target_ms = target_latency(config.reward, self.table)
+    reward_lib.exponents(config.reward)  # refuses an unknown kind before any child trains
+    self.strategy = controller.create(config.controller, self.space.choices)
+    self.data = data = input_pipeline.create_proxy_data(config.data, process_index=0,
+                                                         process_count=1)
     if (self.table.resolution, self.table.num_classes) != (data.image_size, data.num_classes):
-      raise ValueError(
+      raise errors.UserError(
           f'latency table {self.table.path} was profiled at {self.table.resolution} px with '
           f'{self.table.num_classes} classes, but the proxy data has {data.image_size} px and '
           f'{data.num_classes} classes: set config.latency.table to a table of the same resolution')
-    self.target_ms = target_latency(config.reward, self.table)
-    self.strategy = controller.create(config.controller, self.space.choices)
     self.process_index = jax.process_index()
     self.process_count = jax.process_count()
     self.is_writer = self.process_index == 0
-    if self.search.children_per_step < 1 or self.search.num_children < 1:
-      raise ValueError(f'config.search.children_per_step = {self.search.children_per_step} and '
-                       f'num_children = {self.search.num_children}: both must be at least 1')
+    os.makedirs(workdir, exist_ok=True)
     self.num_steps = math.ceil(self.search.num_children / self.search.children_per_step)
     self.history = history_lib.History(os.path.join(workdir, 'history.jsonl'),
                                        writable=self.is_writer)
@@ -325,18 +343,15 @@ class Search:
 
 
 def run(config, workdir: str):
-  """The 'search' job. The dataset is checked first, so a missing one fails before any work."""
+  """The 'search' job: checks its inputs (see Search), then searches."""
   if not workdir:
-    raise SystemExit('error: the search needs --workdir=DIR (history, checkpoints and report)')
+    raise errors.UserError('the search needs --workdir=DIR (history, checkpoints and report)')
   if '://' in workdir:
-    raise SystemExit(f'error: --workdir={workdir}: expected a directory, not a URL. The search '
-                     'appends each child to history.jsonl and syncs it to disk at once, which an '
-                     'object store cannot do; on a pod slice mount the bucket with gcsfuse (or use '
-                     'NFS) at the same path on every host and pass that path.')
-  try:
-    data = input_pipeline.create_proxy_data(config.data, process_index=0, process_count=1)
-  except input_pipeline.DatasetMissingError as e:
-    raise SystemExit(f'error: {e}') from None
-  os.makedirs(workdir, exist_ok=True)
+    raise errors.UserError(
+        f'--workdir={workdir}: expected a directory, not a URL. The search appends each child to '
+        'history.jsonl and syncs it to disk at once, which an object store cannot do; on a pod '
+        'slice mount the bucket with gcsfuse (or use NFS) at the same path on every host and pass '
+        'that path.')
+  search = Search(config, workdir)
   enable_compilation_cache(config.search, workdir)
-  return Search(config, workdir, data).run()
+  return search.run()

@@ -3,9 +3,10 @@
 The train and eval steps are written per device, with named-axis collectives over
 `platform.BATCH_AXIS` (gradients and metrics averaged with `lax.pmean`; BatchNorm averages its batch
 statistics itself through the model's `bn_axis_name`), as a pmapped step is written, and run as
-`jax.jit(jax.shard_map(step))` over a one-axis mesh of the devices. The recipe (REFERENCE.md 6):
-TF-style RMSProp, the warmup + staircase schedule, L2 on every variable but BN's, label smoothing,
-dropout, and an exponential moving average of the weights and BN statistics used for evaluation.
+`jax.jit(jax.shard_map(step))` over a one-axis mesh of the devices. The recipe (paper section 6,
+the official mnasnet_main.py): TF-style RMSProp, the warmup + staircase schedule, L2 on every
+variable but BN's, label smoothing, dropout, and an exponential moving average of the weights and BN
+statistics used for evaluation.
 
 Two entry points: `proxy_train` (train one child on the search's proxy split and return its
 held-out accuracy) and `train_and_evaluate` (the 'train' job: checkpointed, resumable, reported).
@@ -30,6 +31,7 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mnasnet_jax import errors
 from mnasnet_jax import input_pipeline
 from mnasnet_jax import models
 from mnasnet_jax import platform
@@ -60,18 +62,18 @@ class TrainState:
 
 def num_steps(config, steps_per_epoch: int) -> int:
   """`config.num_steps` when set (> 0), else `config.num_epochs` epochs; loops only count steps."""
-  if config.get('num_steps'):
+  if config.num_steps > 0:
     return int(config.num_steps)
   return max(1, int(math.ceil(config.num_epochs * steps_per_epoch)))
 
 
 def create_model(config, arch, num_classes: int) -> models.MnasNet:
-  """The model with BN over the global batch, at `config.bn_momentum` when set (0.99 otherwise).
-  A short proxy run re-estimates its statistics after training instead (`recalibrate_batch_stats`)."""
+  """The model with BN over the global batch at `config.bn_momentum`. A short proxy run
+  re-estimates its statistics after training instead (`recalibrate_batch_stats`)."""
   return models.create(arch, num_classes=num_classes, depth_multiplier=config.depth_multiplier,
-                       dropout_rate=config.get('dropout_rate'), depthwise=config.depthwise,
+                       dropout_rate=config.dropout_rate, depthwise=config.depthwise,
                        conv=config.conv, dtype=config.dtype, bn_axis_name=AXIS,
-                       bn_momentum=config.get('bn_momentum') or 0.99)
+                       bn_momentum=config.bn_momentum)
 
 
 def create_optimizer(config, steps_per_epoch: int):
@@ -195,7 +197,8 @@ def shard_batch(mesh, *arrays):
 def check_batch(batch_size: int, mesh, process_count: int) -> int:
   """This process's part of a global `batch_size`; it must split evenly over the devices."""
   if batch_size % mesh.size:
-    raise ValueError(f'batch size {batch_size} must be a multiple of the {mesh.size} devices')
+    raise errors.UserError(f'batch size {batch_size}: expected a multiple of the {mesh.size} '
+                           'devices')
   return batch_size // process_count
 
 
@@ -256,7 +259,7 @@ def proxy_train(config, arch, data: input_pipeline.Data, seed: int = 0, devices=
   eval_batch = check_batch(config.eval_batch_size, mesh, 1)
   steps_per_epoch = data.num_train // data.process_count // local_batch
   total_steps = num_steps(config, steps_per_epoch)
-  recalibration = config.get('bn_recalibration_batches') or 0
+  recalibration = config.bn_recalibration_batches
   use_ema = bool(config.ema_decay)
   model = create_model(config, arch, data.num_classes)
   tx, schedule = create_optimizer(config, steps_per_epoch)
@@ -293,16 +296,16 @@ def proxy_train(config, arch, data: input_pipeline.Data, seed: int = 0, devices=
   for step in range(total_steps):
     state, metrics = compiled['train'](state, *shard_batch(mesh, *next(batches)))
     losses.append(metrics['loss'])
-    if (step + 1) % config.get('check_every_steps', 20) == 0 or step + 1 == total_steps:
+    if (step + 1) % config.check_every_steps == 0 or step + 1 == total_steps:
       _check_finite(float(losses[-1]), step + 1)
-  final_loss = float(np.mean(jax.device_get(losses[-config.get('check_every_steps', 20):])))
+  final_loss = float(np.mean(jax.device_get(losses[-config.check_every_steps:])))
   _check_finite(final_loss, total_steps)
   train_seconds = time.perf_counter() - start
 
   start = time.perf_counter()
   if recalibration:
     state = recalibrate_batch_stats(compiled['stats'], state, batches, recalibration, mesh, use_ema)
-  result = evaluate(compiled['eval'], state, data, eval_batch, mesh, config.get('eval_examples'))
+  result = evaluate(compiled['eval'], state, data, eval_batch, mesh, config.eval_examples)
   eval_seconds = time.perf_counter() - start
   return {'accuracy': result['accuracy'], 'top5': result['top5'],
           'compile_seconds': compile_seconds, 'train_seconds': train_seconds,
@@ -320,16 +323,17 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   from clu import periodic_actions
 
   if not workdir:
-    raise ValueError('the train job needs --workdir for its checkpoints and metrics')
+    raise errors.UserError('the train job needs --workdir=DIR for its checkpoints and metrics')
   workdir = os.path.abspath(workdir)
   process_index, process_count = jax.process_index(), jax.process_count()
   mesh = platform.data_mesh()
   local_batch = check_batch(config.batch_size, mesh, process_count)
   eval_batch = check_batch(config.eval_batch_size, mesh, process_count)
+  arch = models.architecture(config.arch)  # a malformed block string fails before the data loads
   data = input_pipeline.create(config.data, config.data.split, process_index, process_count)
   steps_per_epoch = data.num_train // config.batch_size
   total_steps = num_steps(config, steps_per_epoch)
-  model = create_model(config, config.arch, data.num_classes)
+  model = create_model(config, arch, data.num_classes)
   tx, schedule = create_optimizer(config, steps_per_epoch)
   state = replicate(create_state(model, tx, data.image_size, bool(config.ema_decay), config.seed),
                     mesh)
@@ -365,7 +369,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         writer.write_scalars(step, summary)
         history = []
       if step % config.eval_every_steps == 0 or step == total_steps:
-        result = evaluate(eval_fn, state, data, eval_batch, mesh, config.get('eval_examples'))
+        result = evaluate(eval_fn, state, data, eval_batch, mesh, config.eval_examples)
         writer.write_scalars(step, {f'eval_{k}': v for k, v in result.items()})
         logging.info('step %d: eval %s', step, result)
       manager.save(step, args=ocp.args.StandardSave(state), force=step == total_steps)
@@ -376,7 +380,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 
 
 def run(config, workdir):
-  """launch/main.py's 'train' job."""
+  """The 'train' job (mnasnet_jax/main.py)."""
   train_and_evaluate(config, workdir)
 
 
@@ -388,8 +392,8 @@ def restore_variables(workdir: str, use_ema: bool = True) -> dict:
   manager = ocp.CheckpointManager(directory)
   step = manager.latest_step()
   if step is None:
-    raise FileNotFoundError(f'no training checkpoint in {directory}: run configs/train.py with '
-                            f'--workdir={workdir} first')
+    raise errors.UserError(f'no training checkpoint in {directory}: expected the --workdir of a '
+                           f'configs/train.py run (run it with --workdir={workdir} first)')
   state = manager.restore(step, args=ocp.args.StandardRestore())
   ema = use_ema and state.get('ema_params') is not None
   return {'params': state['ema_params' if ema else 'params'],

@@ -4,16 +4,15 @@ import sys
 
 from mnasnet_jax import allocator
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROBE = ('import sys; sys.path.insert(0, sys.argv[1]); from mnasnet_jax import allocator; '
-         'allocator.use_tcmalloc(); print(allocator.tcmalloc_loaded())')
+PROBE = ('from mnasnet_jax import allocator; allocator.use_tcmalloc(); '
+         'print(allocator.tcmalloc_loaded())')
 
 
 def _probe(**env):
   environment = {k: v for k, v in os.environ.items()
                  if k not in (allocator.SWITCH, 'LD_PRELOAD')}
   environment.update(env)
-  result = subprocess.run([sys.executable, '-c', PROBE, REPO], capture_output=True, text=True,
+  result = subprocess.run([sys.executable, '-c', PROBE], capture_output=True, text=True,
                           env=environment, check=True)
   return result.stdout.strip()
 

@@ -3,8 +3,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from configs.search import get_config
+from mnasnet_jax.configs.search import get_config
 from mnasnet_jax import controller
+from mnasnet_jax import errors
 
 CHOICES = (3, 4, 1, 3, 2)  # a one-option position too: masked head, never mutated
 BATCH = 8  # one batch size throughout: each new shape is a new compilation
@@ -162,7 +163,7 @@ def test_bad_inputs(ppo):
     ppo.tell(state, np.zeros((2, 5)), np.array([0.1, np.nan]))
   with pytest.raises(ValueError, match='num must be a positive integer'):
     ppo.ask(state, 0)
-  with pytest.raises(ValueError, match="unknown strategy 'reinforce'"):
+  with pytest.raises(errors.UserError, match="unknown strategy 'reinforce'"):
     make('reinforce')
-  with pytest.raises(ValueError, match=r'sample_size \(0\) must be positive'):
+  with pytest.raises(errors.UserError, match=r'sample_size \(0\) must be positive'):
     make('evolution', evolution={'population_size': 8, 'sample_size': 0})

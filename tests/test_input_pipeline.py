@@ -5,7 +5,16 @@ import ml_collections
 import numpy as np
 import pytest
 
+from mnasnet_jax import errors
 from mnasnet_jax import input_pipeline
+from mnasnet_jax.configs import train as train_config
+
+
+def _data_config(dataset, image_size, **overrides):
+  """A real dataset's config as the configs declare it (every key the pipeline reads)."""
+  config = train_config.data_config(dataset, image_size)
+  config.update(overrides)
+  return config
 
 
 def _config(**kw):
@@ -24,7 +33,7 @@ def test_read_idx(tmp_path):
   np.testing.assert_array_equal(input_pipeline.read_idx(str(path)), array)
   bad = tmp_path / 'bad'
   bad.write_bytes(b'\x00\x00\x09\x01abcd')
-  with pytest.raises(ValueError, match='not an IDX file'):
+  with pytest.raises(errors.UserError, match='not an IDX file'):
     input_pipeline.read_idx(str(bad))
 
 
@@ -45,7 +54,7 @@ def test_search_split_holds_out_disjoint_examples():
   assert (full.num_train, full.num_eval) == (200, 50)
   rows = {r.tobytes() for r in data.train_x} & {r.tobytes() for r in data.test_x}
   assert not rows
-  with pytest.raises(ValueError, match='holdout'):
+  with pytest.raises(errors.UserError, match=r'holdout 200: expected a number in \(0, 200\)'):
     input_pipeline.create_proxy_data(_config(holdout=200))
 
 
@@ -72,23 +81,19 @@ def test_process_shards_and_padded_eval():
 
 def test_fashion_mnist_and_digits():
   if os.path.exists(input_pipeline.FASHION_MNIST_DIR):
-    data = input_pipeline.create_proxy_data(ml_collections.ConfigDict(
-        dict(dataset='fashion_mnist', image_size=32, holdout=10_000, split_seed=0)))
+    data = input_pipeline.create_proxy_data(_data_config('fashion_mnist', 32, holdout=10_000))
     assert (data.num_train, data.num_eval, data.num_classes) == (50_000, 10_000, 10)
     images, labels = next(data.train_batches(64, 0))
     assert images.shape == (64, 32, 32, 3) and abs(float(images.mean())) < 0.5
-  digits = input_pipeline.create(ml_collections.ConfigDict(
-      dict(dataset='digits', image_size=16, split_seed=0, test_size=360)), 'full')
+  digits = input_pipeline.create(_data_config('digits', 16), 'full')
   assert (digits.num_train, digits.num_eval) == (1437, 360)
 
 
 def test_missing_dataset_says_how_to_get_it(tmp_path):
-  cfg = ml_collections.ConfigDict(dict(dataset='fashion_mnist', image_size=32, holdout=10,
-                                       split_seed=0, data_dir=str(tmp_path)))
+  cfg = _data_config('fashion_mnist', 32, holdout=10, data_dir=str(tmp_path))
   with pytest.raises(input_pipeline.DatasetMissingError, match='apt-get install dataset-fashion-mnist'):
     input_pipeline.create_proxy_data(cfg)
-  cfg = ml_collections.ConfigDict(dict(dataset='imagenet2012', image_size=32, holdout=50_000,
-                                       split_seed=0, data_dir=str(tmp_path), manual_dir=None))
+  cfg = _data_config('imagenet2012', 32, data_dir=str(tmp_path))
   with pytest.raises(input_pipeline.DatasetMissingError, match='ILSVRC2012_img_train.tar'):
     input_pipeline.create_proxy_data(cfg)
 
@@ -131,9 +136,7 @@ def test_imagenet_preprocessing_on_a_jpeg():
 
 def test_imagenet_pipeline_with_tfds_mock_data(tmp_path):
   tfds = pytest.importorskip('tensorflow_datasets')
-  cfg = ml_collections.ConfigDict(dict(dataset='imagenet2012', image_size=24, holdout=50_000,
-                                       split_seed=0, data_dir=str(tmp_path), manual_dir=None,
-                                       shuffle_buffer=8))
+  cfg = _data_config('imagenet2012', 24, data_dir=str(tmp_path), shuffle_buffer=8)
   with tfds.testing.mock_data(num_examples=12):
     import unittest.mock
     with unittest.mock.patch.object(tfds.core.DatasetBuilder, 'is_prepared', return_value=True):

@@ -7,11 +7,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs.search import get_config as search_config
 from mnasnet_jax import blocks
 from mnasnet_jax import latency
 from mnasnet_jax import models
 from mnasnet_jax import search_space
+from mnasnet_jax.configs.search import get_config as search_config
 from mnasnet_jax.latency import export
 from mnasnet_jax.latency import profiler
 from mnasnet_jax.latency import table as table_lib

@@ -3,7 +3,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs.search import get_config
+from mnasnet_jax.configs.search import get_config
+from mnasnet_jax import errors
 from mnasnet_jax import reward
 
 # 2 ** -0.07 = exp(-0.07 * ln 2) = exp(-0.0485203) = 0.9526380; 0.5 ** -0.07 = 1.0497166.
@@ -64,7 +65,7 @@ def test_config_exponents_override_presets():
 
 
 def test_bad_inputs():
-  with pytest.raises(ValueError, match="unknown reward kind 'latency'"):
+  with pytest.raises(errors.UserError, match="unknown reward kind 'latency'"):
     reward.compute(config('latency'), 0.7, 70.0, 75.0)
   with pytest.raises(ValueError, match='target_ms is None'):
     reward.compute(config('soft'), 0.7, 70.0, None)

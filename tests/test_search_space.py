@@ -3,8 +3,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs.search import get_config
+from mnasnet_jax.configs.search import get_config
 from mnasnet_jax import blocks
+from mnasnet_jax import errors
 from mnasnet_jax import models
 from mnasnet_jax import search_space
 
@@ -127,7 +128,7 @@ def test_fixed_blocks_keep_base_strings_with_consistent_widths():
 def test_bad_configs(field, value, message):
   config = get_config().search_space
   config[field] = value
-  with pytest.raises(ValueError, match=message):
+  with pytest.raises(errors.UserError, match=message):
     search_space.SearchSpace(config)
 
 

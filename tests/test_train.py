@@ -1,5 +1,4 @@
 import functools
-import importlib.util
 import os
 
 import jax
@@ -9,16 +8,14 @@ import numpy as np
 import pytest
 
 from mnasnet_jax import input_pipeline, platform, train
+from mnasnet_jax.configs import search as search_config
+from mnasnet_jax.configs import train as train_config
 
 ARCH = ['r1_k3_s11_e1_i32_o16_noskip', 'r1_k3_s22_e3_i16_o24_se0.25']
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _train_config(**overrides):
-  spec = importlib.util.spec_from_file_location('train_config', os.path.join(ROOT, 'configs/train.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config('local')
+  config = train_config.get_config('local')
   config.arch = ','.join(ARCH)
   config.data = ml_collections.ConfigDict(dict(
       dataset='synthetic', split='full', image_size=16, num_classes=4, num_train=256, num_eval=64,
@@ -153,8 +150,11 @@ def files_in(directory, prefix):
 
 
 def _proxy_config(**overrides):
+  """The local search's proxy section (so every key proxy_train reads is the declared one), with
+  this toy problem's recipe."""
   config = _train_config()
-  proxy = ml_collections.ConfigDict({k: config[k] for k in (
+  proxy = search_config.get_config('local').proxy
+  proxy.update({k: config[k] for k in (
       'batch_size', 'eval_batch_size', 'base_learning_rate', 'warmup_epochs', 'lr_decay_rate',
       'lr_decay_epochs', 'rmsprop_decay', 'momentum', 'rmsprop_epsilon', 'weight_decay',
       'label_smoothing', 'dropout_rate', 'depth_multiplier', 'depthwise', 'conv',

@@ -1,0 +1,52 @@
+"""Profiles the latency lookup table:
+`python launch/main.py --config=configs/profile_latency.py[:ARG] --workdir=DIR`.
+
+ARG: none (224 px, 1000 classes: `litert_cpu_224.json`) or `local` (32 px, 10 classes:
+`litert_cpu_32.json`, the table of the local CPU search on Fashion-MNIST); `resolution=N` profiles
+at N px (`litert_cpu_N.json`). The layers come from the search space of `configs/search.py` with the
+same ARG, plus the named architectures'.
+"""
+
+import ml_collections
+
+from mnasnet_jax.configs import common
+from mnasnet_jax.configs import search
+
+
+def get_config(arg=None):
+  parsed = common.parse_local_arg(arg)
+  local = parsed.local
+  config = ml_collections.ConfigDict()
+  config.job = 'profile_latency'
+  config.search_space = search.get_config(arg).search_space
+  config.architectures = ('mnasnet_a1', 'mnasnet_b1', 'mnasnet_small', 'mnasnet_d1',
+                          'mnasnet_d1_320', 'mobilenet_v2')
+  config.resolution = common.image_size(parsed)
+  config.num_classes = 10 if local else 1000
+  config.table_name = f'litert_cpu_{config.resolution}.json'
+  config.backend = 'litert'  # or 'adb' (a phone; see config.adb)
+  # Each unit is timed in `instances` fresh interpreters, each `repeats` timed invokes after
+  # `warmup` untimed ones; the table records these. Fresh interpreters are what make a minimum
+  # repeatable (see LiteRTBackend). Units at 32 px take tens of microseconds, so more repeats cost
+  # little there.
+  config.instances = 5
+  config.warmup = 10 if local else 3
+  config.repeats = 40 if local else 10
+  config.num_threads = 1  # a phone's single big core
+  # litert: MiB of other data read before each timed invoke, so that a layer's weights are out of
+  # the core's caches as inside a network (LiteRTBackend). Several times the core's own (L1 + L2)
+  # cache; 16 fit whole networks best on a core with 2 MiB of L2 (64 also emptied part of the shared
+  # L3). The adb backend's benchmark_model repeats back to back; a phone's caches hold little of a
+  # model.
+  config.flush_mib = 16.0
+  # Each entry's statistic over the repeats: 'min', 'median' (litert only), 'mean'. The minimum is
+  # the one that adds up to whole networks on a shared machine (see latency/profiler.py).
+  config.statistic = 'min'
+  config.log_every_seconds = 30.0
+  config.adb = ml_collections.ConfigDict()
+  config.adb.binary = 'adb'
+  config.adb.serial = ''  # '' = the only device attached
+  config.adb.device_dir = '/data/local/tmp/mnasnet_latency'
+  config.adb.benchmark_binary = '/data/local/tmp/benchmark_model'
+  config.adb.cpu_mask = 'f0'  # taskset mask of one big core (cores 4-7 on most big.LITTLE phones)
+  return config

@@ -1,0 +1,143 @@
+"""The MnasNet search (paper section 4-5): `python launch/main.py --config=configs/search.py[:ARG]`.
+
+`configs/search.py` is the paper's search on ImageNet; `configs/search.py:local` a small real search
+on this CPU, offline, on Fashion-MNIST. `resolution=N` (e.g. `:local,resolution=64`) sets the
+children's image size and, with it, the latency table: the shipped one of that resolution (32 and
+224 ship; profile another with `configs/profile_latency.py` and the same ARG, and pass its path
+as `--config.latency.table`).
+"""
+
+import ml_collections
+
+from mnasnet_jax.configs import common
+from mnasnet_jax.configs import train
+
+
+def search_space_config():
+  """The factorised hierarchical space on MobileNetV2's seven blocks (owned by search_space.py)."""
+  space = ml_collections.ConfigDict()
+  # The base network: MobileNetV2 1.0's (t, c, n, s) table in MnasNet's layers, stem 32.
+  space.stem_filters = 32
+  space.base_blocks = (
+      'r1_k3_s11_e1_i32_o16', 'r2_k3_s22_e6_i16_o24', 'r3_k3_s22_e6_i24_o32',
+      'r4_k3_s22_e6_i32_o64', 'r3_k3_s11_e6_i64_o96', 'r3_k3_s22_e6_i96_o160',
+      'r1_k3_s11_e6_i160_o320')
+  space.searched_blocks = (0, 1, 2, 3, 4, 5, 6)  # the others keep their base block string
+  # The options of each decision (paper 4.2): 4 * 2 * 2 * 3 * 3 * 3 = 432 per searched block.
+  space.conv_ops = ('conv', 'sepconv', 'mbconv3', 'mbconv6')
+  space.kernels = (3, 5)
+  space.se_ratios = (0.0, 0.25)
+  space.skip_ops = ('pool', 'identity', 'none')
+  space.filter_multipliers = (0.75, 1.0, 1.25)
+  space.layer_deltas = (-1, 0, 1)
+  return space
+
+
+def controller_config():
+  """The search strategy: PPO-trained LSTM controller, or evolution / random (controller.py)."""
+  controller = ml_collections.ConfigDict()
+  controller.strategy = 'ppo'  # 'ppo' (the paper's), 'evolution' or 'random'
+  # NASNet's controller: a one-layer LSTM with 100 units, trained with PPO and Adam.
+  controller.ppo = ml_collections.ConfigDict()
+  controller.ppo.hidden_size = 100
+  controller.ppo.init_range = 0.1  # uniform(-0.1, 0.1) LSTM and embedding weights; heads start at 0
+  # Tuned on benchmarks/controller.py (batches of 32 children): see its docstring for the figures.
+  controller.ppo.learning_rate = 2e-3
+  controller.ppo.max_grad_norm = 1.0
+  controller.ppo.clip_epsilon = 0.2
+  controller.ppo.epochs = 2  # passes over each batch of children
+  controller.ppo.minibatch_size = 32
+  controller.ppo.entropy_weight = 1e-4
+  controller.ppo.baseline_decay = 0.9
+  controller.ppo.normalize_advantages = False  # divide advantages by the batch's reward std
+  controller.ppo.temperature = 1.0
+  # Regularised evolution (Real et al. 2019).
+  controller.evolution = ml_collections.ConfigDict()
+  controller.evolution.population_size = 64
+  controller.evolution.sample_size = 16
+  return controller
+
+
+def reward_config():
+  """ACC * (LAT / T)^w and the other published rewards (reward.py)."""
+  reward = ml_collections.ConfigDict()
+  reward.kind = 'soft'  # 'soft', 'hard' (paper eq. 2), 'capped' or 'absolute' (TuNAS)
+  # None takes the kind's preset: soft -0.07 / -0.07, hard 0 / -1, capped beta -0.07, absolute -0.1.
+  reward.alpha = ml_collections.config_dict.placeholder(float)
+  reward.beta = ml_collections.config_dict.placeholder(float)
+  # The paper's T = 75 ms on a Pixel 1; None means the latency table's figure for mobilenet_v2.
+  reward.target_ms = ml_collections.config_dict.placeholder(float)
+  return reward
+
+
+def search_loop_config(arg=None):
+  """The loop: budget, batching into controller steps, failures, resume and report (search.py)."""
+  local = common.parse_local_arg(arg).local
+  search = ml_collections.ConfigDict()
+  # The paper samples about 8,000 children; the policy is updated once per `children_per_step`.
+  search.num_children = 16 if local else 8000
+  search.children_per_step = 4 if local else 64
+  search.seed = 0  # the strategy's state (and with it every sample) derives from this seed
+  search.train_seed = 0  # child `trial` is proxy-trained with seed train_seed + trial
+  # A child whose training raises or diverges gets this reward (no soft or hard reward is lower);
+  # one that fits the device's memory in no way is recorded as 'oom', with no reward, and not told.
+  search.failure_reward = 0.0
+  search.max_consecutive_failures = 10  # more in a row (oom apart) means a broken setup: stop
+  search.keep_checkpoints = 3
+  search.report_every_steps = 1 if local else 10
+  search.report_top_k = 5 if local else 15  # the paper trains its top 15 in full
+  search.train_config = 'configs/train.py' + (f':{arg}' if arg else '')  # in best.md's commands
+  # JAX's persistent compilation cache (every child is a new program), by default WORKDIR/jax_cache.
+  search.compilation_cache = True
+  search.compilation_cache_dir = ml_collections.config_dict.placeholder(str)
+  search.cache_min_compile_seconds = 0.5
+  return search
+
+
+def data_and_proxy_config(arg=None):
+  """The paper's proxy task (section 4): 5 epochs on ImageNet train with 50,000 images held out as
+  the validation set that gives ACC(m); locally a few hundred steps on Fashion-MNIST at 32x32.
+  The proxy recipe is configs/train.py's with the same ARG (RMSProp-TF, schedule, L2, label
+  smoothing, BN momentum) cut short."""
+  recipe = train.get_config(arg)
+  data = recipe.data
+  data.split = 'search'
+  proxy = ml_collections.ConfigDict({k: v for k, v in recipe.items() if k not in (
+      'job', 'arch', 'seed', 'data', 'log_every_steps', 'eval_every_steps',
+      'checkpoint_every_steps', 'checkpoints_to_keep')})
+  # Steps between checks for a non-finite loss (a check waits for the device to catch up).
+  proxy.check_every_steps = 20
+  if common.parse_local_arg(arg).local:
+    proxy.batch_size = 64
+    proxy.num_steps = 100
+    proxy.warmup_epochs = 0.1
+    proxy.ema_decay = 0.0  # too few steps for a moving average to help
+    # 100 steps end with weights moving too fast for BN's running averages to follow (children at
+    # chance with them, far above it with batch statistics): re-estimate them after training.
+    proxy.bn_recalibration_batches = 20
+    proxy.base_learning_rate = 0.016  # 0.004 at batch 64: 0.016 there trained worse
+    proxy.dropout_rate = 0.0
+    proxy.eval_examples = 2000  # of the 10,000 held out
+  else:
+    proxy.num_epochs = 5.0
+    proxy.warmup_epochs = 1.0
+    proxy.bn_recalibration_batches = 0  # 5 epochs at BN momentum 0.99: the paper's running averages
+  return data, proxy
+
+
+def get_config(arg=None):
+  parsed = common.parse_local_arg(arg)
+  config = ml_collections.ConfigDict()
+  config.job = 'search'
+  config.search_space = search_space_config()
+  config.controller = controller_config()
+  config.reward = reward_config()
+  config.search = search_loop_config(arg)
+  # The latency lookup table (mnasnet_jax/latency): a shipped table's name or a path; its resolution
+  # and classes must be the children's. Profile another with configs/profile_latency.py.
+  config.latency = ml_collections.ConfigDict()
+  config.latency.table = f'litert_cpu_{common.image_size(parsed)}.json'
+  config.data, config.proxy = data_and_proxy_config(arg)
+  if parsed.local:
+    config.search_space.layer_deltas = (-1, 0)  # at most MobileNetV2's depth: compiles within reach
+  return config

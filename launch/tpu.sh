@@ -3,6 +3,7 @@
 #
 #   launch/tpu.sh create                 # make the TPU VM
 #   launch/tpu.sh setup                  # copy this checkout to every worker and install it
+#   launch/tpu.sh mount                  # mount BUCKET with gcsfuse at MOUNT on every worker
 #   launch/tpu.sh run [--config.X=Y ...] # start the job on all workers (same command everywhere)
 #   launch/tpu.sh logs [WORKER]          # follow a worker's log (default 0, the one that writes)
 #   launch/tpu.sh stop                   # stop the job on all workers (it resumes when run again)
@@ -14,6 +15,10 @@
 # with gcsfuse, or a Filestore (NFS) share. Not a gs:// URL: the search appends every child to
 # history.jsonl and syncs it to disk at once, which an object store cannot do. On Cloud TPU,
 # jax.distributed finds the other workers by itself: no coordinator flags are needed.
+# `mount` mounts the bucket BUCKET (a name, no gs://) at MOUNT (default /mnt/gcs) with the options
+# Orbax needs: it writes each checkpoint in a temporary directory and renames it when complete,
+# which gcsfuse refuses unless --rename-dir-limit allows it; --implicit-dirs shows directories that
+# another worker made. Put WORKDIR under MOUNT.
 set -euo pipefail
 
 TPU_NAME=${TPU_NAME:?set TPU_NAME}
@@ -24,6 +29,9 @@ CONFIG=${CONFIG:-configs/search.py}
 GCLOUD=${GCLOUD:-gcloud}
 REMOTE_DIR=mnasnet_jax
 LOG=mnasnet_jax.log
+MOUNT=${MOUNT:-/mnt/gcs}
+# Directory renames are allowed up to this many files: an Orbax step directory holds a few dozen.
+GCSFUSE_OPTIONS="--implicit-dirs --rename-dir-limit=10000"
 
 tpu() { "$GCLOUD" compute tpus tpu-vm "$@" --zone="$ZONE"; }
 on_workers() { tpu ssh "$TPU_NAME" --worker="$1" --command="$2"; }
@@ -37,6 +45,9 @@ case "$command" in
     here=$(cd "$(dirname "$0")/.." && pwd)
     tpu scp --recurse "$here" "$TPU_NAME:~/$REMOTE_DIR" --worker=all
     on_workers all "cd ~/$REMOTE_DIR && pip install -r requirements.txt 'jax[tpu]==0.10.2' && pip install -e . --no-deps" ;;
+  mount)
+    BUCKET=${BUCKET:?set BUCKET to the Cloud Storage bucket to mount (its name, without gs://)}
+    on_workers all "if ! command -v gcsfuse >/dev/null; then echo 'gcsfuse is not installed: see https://cloud.google.com/storage/docs/cloud-storage-fuse/install' >&2; exit 1; fi; sudo mkdir -p $MOUNT && sudo chown \$USER $MOUNT && if ! mountpoint -q $MOUNT; then gcsfuse $GCSFUSE_OPTIONS $BUCKET $MOUNT; fi" ;;
   run)
     WORKDIR=${WORKDIR:?set WORKDIR to a directory every worker shares (a gcsfuse mount or NFS)}
     case "$WORKDIR" in
@@ -51,6 +62,6 @@ case "$command" in
   delete)
     tpu delete "$TPU_NAME" --quiet ;;
   *)
-    echo "usage: $0 {create|setup|run [--config.X=Y ...]|logs [WORKER]|stop|delete}" >&2
+    echo "usage: $0 {create|setup|mount|run [--config.X=Y ...]|logs [WORKER]|stop|delete}" >&2
     exit 2 ;;
 esac

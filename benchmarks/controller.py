@@ -37,15 +37,14 @@ import time
 
 from absl import app
 from absl import flags
+from ml_collections import config_flags
+import numpy as np
 
-import numpy as np  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from mnasnet_jax import blocks  # noqa: E402
-from mnasnet_jax import controller  # noqa: E402
-from mnasnet_jax import models  # noqa: E402
-from mnasnet_jax import reward  # noqa: E402
-from mnasnet_jax import search_space  # noqa: E402
+from mnasnet_jax import blocks
+from mnasnet_jax import controller
+from mnasnet_jax import models
+from mnasnet_jax import reward
+from mnasnet_jax import search_space
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', os.path.join(os.path.dirname(__file__), '..', 'configs', 'search.py'),

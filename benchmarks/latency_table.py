@@ -23,16 +23,15 @@ import time
 
 from absl import app
 from absl import flags
+import ml_collections
+import numpy as np
+from scipy import stats
 
-import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
-from scipy import stats  # noqa: E402
-
-from mnasnet_jax import models  # noqa: E402
-from mnasnet_jax import search_space as search_space_lib  # noqa: E402
-from mnasnet_jax.latency import export  # noqa: E402
-from mnasnet_jax.latency import profiler  # noqa: E402
-from mnasnet_jax.latency import table as table_lib  # noqa: E402
+from mnasnet_jax import models
+from mnasnet_jax import search_space as search_space_lib
+from mnasnet_jax.latency import export
+from mnasnet_jax.latency import profiler
+from mnasnet_jax.latency import table as table_lib
 
 _TABLE = flags.DEFINE_string('table', 'litert_cpu_32.json', 'Table file or shipped table name.')
 _NUM_RANDOM = flags.DEFINE_integer('num_random', 50, 'Random architectures to validate on.')

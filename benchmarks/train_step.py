@@ -15,17 +15,16 @@ import time
 
 from absl import app
 from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from mnasnet_jax import allocator  # noqa: E402
-from mnasnet_jax import input_pipeline  # noqa: E402
-from mnasnet_jax import platform  # noqa: E402
-from mnasnet_jax import train  # noqa: E402
-from mnasnet_jax.configs import search as search_config  # noqa: E402
-from mnasnet_jax.configs import train as train_config  # noqa: E402
+from mnasnet_jax import allocator
+from mnasnet_jax import input_pipeline
+from mnasnet_jax import platform
+from mnasnet_jax import train
+from mnasnet_jax.configs import search as search_config
+from mnasnet_jax.configs import train as train_config
 
 _ARCH = flags.DEFINE_string('arch', 'mnasnet_a1', 'Named architecture or comma-separated blocks.')
 _BATCH = flags.DEFINE_integer('batch', 16, 'Training batch size.')

@@ -1,6 +1,7 @@
 import collections
 import functools
 import json
+import re
 
 import jax
 import ml_collections
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 from mnasnet_jax import blocks
+from mnasnet_jax import errors
 from mnasnet_jax import latency
 from mnasnet_jax import models
 from mnasnet_jax import search_space
@@ -246,14 +248,29 @@ def test_adb_profile_job_and_failures(tmp_path, monkeypatch, fake_adb):
       {'backend': table.backend, **table.metadata['timing']}))
   assert isinstance(again, profiler.AdbBackend) and again.serial is None and again.cpu_mask == 'f0'
   assert (again.repeats, again.instances, again.device_dir) == (3, 2, '/data/local/tmp/m')
-  config.statistic = 'median'  # benchmark_model prints none
-  with pytest.raises(ValueError, match="does not give the statistic 'median'"):
+  config.statistic = 'median'  # benchmark_model prints none: refused before anything is timed
+  with pytest.raises(errors.UserError, match="config.statistic = 'median': expected one of "
+                     r"\('min', 'mean'\) for the adb backend"):
     profiler.profile(config, str(tmp_path / 'work2'))
+  assert not (tmp_path / 'work2').exists()
   with pytest.raises(ValueError, match='no timing line'):
     profiler.parse_benchmark_model('error: could not open graph')
   monkeypatch.setenv('PATH', str(tmp_path / 'nowhere'))
-  with pytest.raises(RuntimeError, match="adb executable 'adb' not found"):
+  with pytest.raises(errors.UserError, match="adb executable 'adb' not found"):
     profiler.AdbBackend(1, 1).time(b'', 'x')
+
+
+@pytest.mark.parametrize('changes, named', [
+    ({'backend': 'phone'}, "config.backend = 'phone': expected 'litert' or 'adb'"),
+    ({'repeats': 0}, 'config.repeats = 0: expected a whole number >= 1'),
+    ({'statistic': 'mode'}, "config.statistic = 'mode': expected one of"),
+])
+def test_profile_refuses_a_bad_setting_before_any_work(tmp_path, changes, named):
+  with pytest.raises(errors.UserError, match=re.escape(named)):
+    profiler.profile(tiny_profile_config(**changes), str(tmp_path / 'work'))
+  assert not (tmp_path / 'work').exists()
+  with pytest.raises(errors.UserError, match='needs --workdir=DIR'):
+    profiler.profile(tiny_profile_config(), '')
 
 
 @pytest.mark.parametrize('name, arg', [('litert_cpu_32.json', 'local'), ('litert_cpu_224.json', None)])

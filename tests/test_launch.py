@@ -62,6 +62,9 @@ LOCAL_SEARCH = ('--config=configs/search.py:local', '--workdir={tmp}/work')
      "config argument 'resolution=big': expected a whole number"),
     (('--config=configs/nowhere.py',), "--config=configs/nowhere.py: no config file or module"),
     (('--config=configs/models.py', '--num_processes=two'), '--num_processes=two'),
+    (('--config=configs/export.py:local',), 'the export job needs --workdir=DIR'),
+    (('--config=configs/profile_latency.py:local', '--workdir={tmp}/work', '--config.repeats=0'),
+     'config.repeats = 0: expected a whole number >= 1'),
 ])
 def test_a_users_mistake_is_one_line_naming_the_value(tmp_path, args, named):
   (tmp_path / 'corrupt.json').write_text('{"format": ')

@@ -76,7 +76,7 @@ def test_setup_and_test_commands_are_what_ci_runs():
 
 
 def test_every_readme_command_runs(tmp_path, fake_adb, fake_gcloud):
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
   gcloud, gcloud_log = fake_gcloud
   env['PATH'] = f'{gcloud.parent}{os.pathsep}{env["PATH"]}'
   env['GCLOUD'] = str(gcloud)

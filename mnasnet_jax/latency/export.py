@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import export as jax_export
 
+from mnasnet_jax import errors
 from mnasnet_jax import models
 
 
@@ -141,7 +142,7 @@ def run(config, workdir):
   """launch/main.py's 'export' job: DIR/model.tflite from random or trained weights."""
   from mnasnet_jax import train  # pylint: disable=g-import-not-at-top  (training is optional here)
   if not workdir:
-    raise ValueError('the export job needs --workdir for the .tflite file')
+    raise errors.UserError(f'the export job needs --workdir=DIR for its {config.filename}')
   variables = None
   if config.checkpoint_dir:
     variables = train.restore_variables(config.checkpoint_dir, use_ema=config.use_ema)

@@ -44,6 +44,7 @@ import numpy as np
 from absl import logging
 
 from mnasnet_jax import blocks as blocks_lib
+from mnasnet_jax import errors
 from mnasnet_jax import models
 from mnasnet_jax import search_space as search_space_lib
 from mnasnet_jax.latency import export
@@ -62,9 +63,10 @@ def _timing_stats(seconds) -> dict:
 # --- backends ----------------------------------------------------------------------------------
 
 def _check_counts(warmup: int, repeats: int, instances: int):
-  if repeats < 1 or warmup < 0 or instances < 1:
-    raise ValueError(f'expected repeats >= 1, warmup >= 0 and instances >= 1, got {repeats}, '
-                     f'{warmup} and {instances}')
+  for name, value, least in (('warmup', warmup, 0), ('repeats', repeats, 1),
+                             ('instances', instances, 1)):
+    if value < least:
+      raise errors.UserError(f'config.{name} = {value}: expected a whole number >= {least}')
 
 
 class LiteRTBackend:
@@ -82,11 +84,13 @@ class LiteRTBackend:
   which a network never does, and the table's sums come out at about half of whole networks.
   """
 
+  STATISTICS = ('min', 'median', 'mean')
+
   def __init__(self, warmup: int, repeats: int, num_threads: int = 1, instances: int = 1,
                flush_mib: float = 0.0):
     _check_counts(warmup, repeats, instances)
     if flush_mib < 0:
-      raise ValueError(f'expected flush_mib >= 0, got {flush_mib}')
+      raise errors.UserError(f'config.flush_mib = {flush_mib}: expected a size in MiB >= 0')
     self.warmup, self.repeats, self.num_threads = warmup, repeats, num_threads
     self.instances = instances
     self._flush = np.ones(int(flush_mib * 2**20) // 8, np.int64)
@@ -183,7 +187,9 @@ class AdbBackend:
   """Times a model on an Android phone over adb with TFLite's `benchmark_model`, one thread, pinned
   by `taskset` to a big core, `instances` times (each run a fresh interpreter). The phone needs the
   benchmark binary at `benchmark_binary` (see the TFLite performance-measurement docs); `cpu_mask`
-  is hex, e.g. 'f0' for cores 4-7."""
+  is hex, e.g. 'f0' for cores 4-7. `benchmark_model` prints no median."""
+
+  STATISTICS = ('min', 'mean')
 
   def __init__(self, warmup: int, repeats: int, num_threads: int = 1, adb: str = 'adb',
                serial: str | None = None, device_dir: str = '/data/local/tmp/mnasnet_latency',
@@ -201,8 +207,8 @@ class AdbBackend:
     try:
       done = subprocess.run(command, capture_output=True, text=True, timeout=self.timeout)
     except FileNotFoundError:
-      raise RuntimeError(f'adb executable {self.adb!r} not found: install Android platform-tools or '
-                         'set config.adb.binary') from None
+      raise errors.UserError(f'adb executable {self.adb!r} not found: install Android '
+                             'platform-tools or set config.adb.binary') from None
     if done.returncode:
       raise RuntimeError(f'{shlex.join(command)} failed ({done.returncode}): '
                          f'{(done.stderr or done.stdout).strip()}')
@@ -248,7 +254,7 @@ def create_backend(config):
                       serial=config.adb.serial or None, device_dir=config.adb.device_dir,
                       benchmark_binary=config.adb.benchmark_binary, cpu_mask=config.adb.cpu_mask,
                       instances=config.instances)
-  raise ValueError(f'unknown latency backend {config.backend!r}: expected "litert" or "adb"')
+  raise errors.UserError(f"config.backend = {config.backend!r}: expected 'litert' or 'adb'")
 
 
 # --- what to profile ------------------------------------------------------------------------------
@@ -307,7 +313,8 @@ def read_journal(path: str) -> dict:
       done[record.pop('key')] = record
     except (json.JSONDecodeError, KeyError, AttributeError):
       if number != len(lines):
-        raise ValueError(f'corrupt journal {path} at line {number}: {line[:200]!r}') from None
+        raise errors.UserError(f'corrupt journal {path} at line {number}: {line[:200]!r}; '
+                               'expected one JSON object a line') from None
   return done
 
 
@@ -331,15 +338,16 @@ def library_versions() -> dict:
 def profile(config, workdir: str) -> table_lib.LatencyTable:
   """Profiles every unit not yet in the journal, then assembles and writes the table."""
   if not workdir:
-    raise ValueError('the profile_latency job needs --workdir (its journal and table live there)')
-  os.makedirs(workdir, exist_ok=True)
+    raise errors.UserError('the profile_latency job needs --workdir=DIR (its journal and table)')
+  backend = create_backend(config)
+  if config.statistic not in backend.STATISTICS:
+    raise errors.UserError(f'config.statistic = {config.statistic!r}: expected one of '
+                           f'{backend.STATISTICS} for the {config.backend} backend')
   space = (search_space_lib.SearchSpace(config.search_space)
-           if config.get('search_space') is not None else None)
+           if config.search_space is not None else None)
+  os.makedirs(workdir, exist_ok=True)
   units = profile_units(space, tuple(config.architectures), config.resolution, config.num_classes)
   units[OVERHEAD_KEY] = (overhead_tflite, 1)
-  backend = create_backend(config)
-  if config.statistic not in ('min', 'median', 'mean'):
-    raise ValueError(f'unknown statistic {config.statistic!r}: expected "min", "median" or "mean"')
   statistic = f'{config.statistic}_ms'
   journal = os.path.join(workdir, f'{os.path.splitext(config.table_name)[0]}.journal.jsonl')
   done = read_journal(journal)
@@ -354,9 +362,6 @@ def profile(config, workdir: str) -> table_lib.LatencyTable:
     t1 = time.time()
     entry = backend.time(content, key)
     t2 = time.time()
-    if statistic not in entry:
-      raise ValueError(f'the {config.backend} backend does not give the statistic '
-                       f'{config.statistic!r}: expected one of {sorted(entry)} without "_ms"')
     export_seconds += t1 - t0
     timing_seconds += t2 - t1
     _append(journal, key, {**entry, 'export_s': round(t1 - t0, 4), 'time_s': round(t2 - t1, 4)})

@@ -23,9 +23,10 @@ import dataclasses
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 from jax import lax
+
+from mnasnet_jax import errors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,8 +49,8 @@ def grouping(batch: int, devices: int, group_size: int | None) -> Grouping:
   smaller groups that tile the batch when `group_size` does not (the whole global batch when it is
   smaller than a group)."""
   if group_size is not None and group_size < 1:
-    raise ValueError(f'bn_group_size = {group_size}: expected a number of images >= 1, or None for '
-                     'the whole global batch')
+    raise errors.UserError(f'bn_group_size = {group_size}: expected a number of images >= 1, or '
+                           'None for the whole global batch')
   if group_size is None or group_size >= batch * devices:
     return Grouping(batch, 1, devices, devices)
   if group_size <= batch:

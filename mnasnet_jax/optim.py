@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mnasnet_jax import errors
+
 
 class RMSPropTFState(NamedTuple):
   count: jax.Array
@@ -45,15 +47,20 @@ def rmsprop_tf(learning_rate: optax.ScalarOrSchedule, decay: float = 0.9, moment
   return optax.GradientTransformation(init, update)
 
 
-def learning_rate_schedule(base_lr: float, batch_size: int, steps_per_epoch: int,
+def learning_rate_schedule(base_lr: float, batch_size: int, steps_per_epoch: float,
                            warmup_epochs: float = 5, decay_rate: float = 0.97,
                            decay_epochs: float = 2.4) -> optax.Schedule:
-  """Official schedule: base_lr per 256 images scaled to the batch, linear warmup from 0, and a
-  staircase exponential decay counted from step 0 (so the warmup's epochs count toward it).
-  Step counts are truncated to integers as the official code does."""
+  """Official schedule (mnasnet_utils.build_learning_rate): base_lr per 256 images scaled to the
+  batch, linear warmup from 0, and a staircase exponential decay counted from step 0 (so the
+  warmup's epochs count toward it). `steps_per_epoch` is the official float (1,281,167 / 4096 =
+  312.785): the warmup's length is truncated to whole steps (1563), the decay period is not
+  (floor(step / 750.68), as tf.train.exponential_decay with staircase)."""
   peak = base_lr * batch_size / 256
   warmup_steps = int(warmup_epochs * steps_per_epoch)
-  decay_steps = max(1, int(decay_epochs * steps_per_epoch))
+  decay_steps = decay_epochs * steps_per_epoch
+  if decay_steps <= 0:
+    raise errors.UserError(f'lr_decay_epochs = {decay_epochs} at {steps_per_epoch} steps per '
+                           'epoch: expected a positive decay period')
 
   def schedule(step):
     step = jnp.asarray(step, jnp.float32)

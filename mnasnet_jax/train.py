@@ -1,12 +1,14 @@
 """Data-parallel training with the official MnasNet recipe, and the proxy training of the search.
 
 The train and eval steps are written per device, with named-axis collectives over
-`platform.BATCH_AXIS` (gradients and metrics averaged with `lax.pmean`; BatchNorm averages its batch
-statistics itself through the model's `bn_axis_name`), as a pmapped step is written, and run as
-`jax.jit(jax.shard_map(step))` over a one-axis mesh of the devices. The recipe (paper section 6,
-the official mnasnet_main.py): TF-style RMSProp, the warmup + staircase schedule, L2 on every
-variable but BN's, label smoothing, dropout, and an exponential moving average of the weights and BN
-statistics used for evaluation.
+`platform.BATCH_AXIS` (gradients and metrics averaged with `lax.pmean`; BatchNorm shares its
+statistics over its groups of images itself through the model's `bn_axis_name`, bn_groups.py), as a
+pmapped step is written, and run as `jax.jit(jax.shard_map(step))` over a one-axis mesh of the
+devices. A device whose part of the batch does not fit its memory runs it as micro-batches with
+the same result (`fit_train_step`, memory.py). The recipe (paper section 6, the official
+mnasnet_main.py): TF-style RMSProp, the warmup + staircase schedule, L2 on every variable but BN's,
+label smoothing, dropout, and an exponential moving average of the weights and BN statistics used
+for evaluation.
 
 Two entry points: `proxy_train` (train one child on the search's proxy split and return its
 held-out accuracy) and `train_and_evaluate` (the 'train' job: checkpointed, resumable, reported).
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
-import math
 import os
 import time
 from typing import Any
@@ -31,10 +32,13 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mnasnet_jax import bn_groups
 from mnasnet_jax import errors
 from mnasnet_jax import input_pipeline
+from mnasnet_jax import memory
 from mnasnet_jax import models
 from mnasnet_jax import platform
+from mnasnet_jax.memory import DoesNotFit  # noqa: F401  (the search records it as 'oom')
 from mnasnet_jax.optim import learning_rate_schedule, rmsprop_tf  # noqa: F401  (the recipe's API)
 
 AXIS = platform.BATCH_AXIS
@@ -60,23 +64,27 @@ class TrainState:
 
 # --- the recipe -------------------------------------------------------------------------------------
 
-def num_steps(config, steps_per_epoch: int) -> int:
-  """`config.num_steps` when set (> 0), else `config.num_epochs` epochs; loops only count steps."""
+def num_steps(config, steps_per_epoch: float) -> int:
+  """`config.num_steps` when set (> 0), else `config.num_epochs` epochs of the float
+  `steps_per_epoch`, truncated as mnasnet_main.py's int(num_epochs * steps_per_epoch) (350 epochs
+  at batch 4096: 109,474 steps); loops only count steps."""
   if config.num_steps > 0:
     return int(config.num_steps)
-  return max(1, int(math.ceil(config.num_epochs * steps_per_epoch)))
+  return max(1, int(config.num_epochs * steps_per_epoch))
 
 
 def create_model(config, arch, num_classes: int) -> models.MnasNet:
-  """The model with BN over the global batch at `config.bn_momentum`. A short proxy run
-  re-estimates its statistics after training instead (`recalibrate_batch_stats`)."""
+  """The model with BN statistics over groups of `config.bn_group_size` images of the global batch
+  (bn_groups.py), running averages at `config.bn_momentum` (a short proxy run re-estimates them
+  after training instead: `recalibrate_batch_stats`), and the architecture's own dropout unless
+  `config.dropout_rate` sets one."""
   return models.create(arch, num_classes=num_classes, depth_multiplier=config.depth_multiplier,
                        dropout_rate=config.dropout_rate, depthwise=config.depthwise,
                        conv=config.conv, dtype=config.dtype, bn_axis_name=AXIS,
-                       bn_momentum=config.bn_momentum)
+                       bn_momentum=config.bn_momentum, bn_group_size=config.bn_group_size)
 
 
-def create_optimizer(config, steps_per_epoch: int):
+def create_optimizer(config, steps_per_epoch: float):
   """(RMSProp-TF transformation, its learning-rate schedule) for `config.batch_size` images a step."""
   schedule = learning_rate_schedule(config.base_learning_rate, config.batch_size, steps_per_epoch,
                                     config.warmup_epochs, config.lr_decay_rate,
@@ -85,17 +93,23 @@ def create_optimizer(config, steps_per_epoch: int):
   return tx, schedule
 
 
-def create_state(model, tx, image_size: int, ema: bool, seed: int) -> TrainState:
-  """Initial state on the host; `replicate` places it on the mesh."""
-  init_key, rng = jax.random.split(jax.random.key(seed, impl=RNG_IMPL))
-  variables = jax.jit(model.init)(init_key, jnp.zeros((1, image_size, image_size, 3)))
-  params, batch_stats = variables['params'], variables['batch_stats']
-  return TrainState(step=jnp.zeros([], jnp.int32), params=params, batch_stats=batch_stats,
-                    opt_state=tx.init(params),
-                    # Copies: the train step donates the state, and no buffer may be given twice.
-                    ema_params=jax.tree.map(jnp.copy, params) if ema else None,
-                    ema_batch_stats=jax.tree.map(jnp.copy, batch_stats) if ema else None,
-                    rng=jax.random.key_data(rng))
+def create_state(model, tx, image_size: int, ema: bool, seed: int, mesh=None) -> TrainState:
+  """Initial state, computed where it lives: replicated on `mesh` (else on the default device) by
+  one jitted program, which every process runs alike, so no host copy is placed and none is checked
+  across hosts."""
+
+  def init():
+    init_key, rng = jax.random.split(jax.random.key(seed, impl=RNG_IMPL))
+    variables = model.init(init_key, jnp.zeros((1, image_size, image_size, 3)))
+    params, batch_stats = variables['params'], variables['batch_stats']
+    return TrainState(step=jnp.zeros([], jnp.int32), params=params, batch_stats=batch_stats,
+                      opt_state=tx.init(params),
+                      # Copies: the train step donates the state, and no buffer may be given twice.
+                      ema_params=jax.tree.map(jnp.copy, params) if ema else None,
+                      ema_batch_stats=jax.tree.map(jnp.copy, batch_stats) if ema else None,
+                      rng=jax.random.key_data(rng))
+
+  return jax.jit(init, out_shardings=None if mesh is None else NamedSharding(mesh, P()))()
 
 
 def weight_penalty(params, batch_stats):
@@ -119,20 +133,65 @@ def ema_decay_at(decay: float, step):
 
 # --- per-device steps -----------------------------------------------------------------------------
 
-def train_step(state: TrainState, images, labels, *, model, tx, schedule, config):
-  """One step on this device's part of the batch; collectives make it the global batch's step."""
+def normalise(images, image_stats):
+  """uint8 images as the model sees them, (x - mean) / std per channel in float32, computed on the
+  device: batches cross from the host as uint8, a quarter of float32's bytes. `image_stats` is the
+  data's (mean, std); None takes `images` as already normalised floats."""
+  if image_stats is None:
+    return images
+  mean, std = (jnp.asarray(x, jnp.float32) for x in image_stats)
+  return (images.astype(jnp.float32) - mean) / std
+
+
+def accumulate(fn, images, labels, key, micro_batch: int | None):
+  """The mean of `fn(images, labels, key)` over micro-batches of `micro_batch` images (None: the
+  whole batch), one after another in a scan so the compiled step holds one micro-batch's
+  activations; micro-batch i draws its randomness from fold_in(key, i)."""
+  batch = images.shape[0]
+  if micro_batch is None or micro_batch == batch:
+    return fn(images, labels, key)
+  if micro_batch < 1 or batch % micro_batch:
+    raise ValueError(f'micro-batch {micro_batch}: expected a divisor of the {batch} images on each '
+                     'device')
+  count = batch // micro_batch
+  split = lambda x: x.reshape((count, micro_batch) + x.shape[1:])
+
+  def add(total, inputs):
+    i, images, labels = inputs
+    return jax.tree.map(jnp.add, total, fn(images, labels, jax.random.fold_in(key, i))), None
+
+  shapes = jax.eval_shape(fn, split(images)[0], split(labels)[0], key)
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  total, _ = lax.scan(add, zeros, (jnp.arange(count), split(images), split(labels)))
+  return jax.tree.map(lambda x: x / count, total)
+
+
+def train_step(state: TrainState, images, labels, *, model, tx, schedule, config,
+               micro_batch: int | None = None, image_stats=None):
+  """One step on this device's part of the batch; collectives make it the global batch's step.
+
+  With `micro_batch` (memory.fit's choice) the device's images run that many at a time, all on the
+  same weights: their gradients, losses and BN running-average updates (linear in the batch
+  statistics) are averaged, so the step is the one on the whole batch wherever BN's groups lie
+  within micro-batches. Each micro-batch draws its own dropout mask.
+  """
   key = jax.random.wrap_key_data(state.rng, impl=RNG_IMPL)
   dropout_key = jax.random.fold_in(jax.random.fold_in(key, state.step), lax.axis_index(AXIS))
 
-  def loss_fn(params):
-    logits, updates = model.apply({'params': params, 'batch_stats': state.batch_stats}, images,
-                                  train=True, mutable=['batch_stats'], rngs={'dropout': dropout_key})
-    ce = jnp.mean(cross_entropy(logits, labels, config.label_smoothing))
-    loss = ce + config.weight_decay * weight_penalty(params, state.batch_stats)
-    return loss, (logits, updates['batch_stats'], ce)
+  def gradients(images, labels, dropout_key):
+    def loss_fn(params):
+      logits, updates = model.apply({'params': params, 'batch_stats': state.batch_stats},
+                                    normalise(images, image_stats), train=True,
+                                    mutable=['batch_stats'], rngs={'dropout': dropout_key})
+      ce = jnp.mean(cross_entropy(logits, labels, config.label_smoothing))
+      loss = ce + config.weight_decay * weight_penalty(params, state.batch_stats)
+      return loss, (updates['batch_stats'], ce, jnp.mean(jnp.argmax(logits, -1) == labels))
 
-  (loss, (logits, batch_stats, ce)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return (loss, *aux), grads
+
+  ((loss, batch_stats, ce, accuracy), grads) = accumulate(gradients, images, labels, dropout_key,
+                                                          micro_batch)
   grads = lax.pmean(grads, AXIS)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -143,29 +202,29 @@ def train_step(state: TrainState, images, labels, *, model, tx, schedule, config
     average = lambda old, new: decay * old + (1 - decay) * new
     ema_params = jax.tree.map(average, ema_params, params)
     ema_batch_stats = jax.tree.map(average, ema_batch_stats, batch_stats)
-  metrics = lax.pmean({'loss': loss, 'cross_entropy': ce,
-                       'accuracy': jnp.mean(jnp.argmax(logits, -1) == labels)}, AXIS)
+  metrics = lax.pmean({'loss': loss, 'cross_entropy': ce, 'accuracy': accuracy}, AXIS)
   metrics['learning_rate'] = schedule(state.step)
   new_state = state.replace(step=step, params=params, batch_stats=batch_stats, opt_state=opt_state,
                             ema_params=ema_params, ema_batch_stats=ema_batch_stats)
   return new_state, metrics
 
 
-def batch_stats_step(variables, images, *, model):
+def batch_stats_step(variables, images, *, model, image_stats=None):
   """The BatchNorm statistics of one global batch under `variables` = (params, batch_stats): `model`
   has BN momentum 0, so the 'running' statistics it returns are the batch's own (averaged over
   devices by BN's axis)."""
   params, batch_stats = variables
-  _, updates = model.apply({'params': params, 'batch_stats': batch_stats}, images, train=True,
-                           mutable=['batch_stats'], rngs={'dropout': jax.random.key(0)})
+  _, updates = model.apply({'params': params, 'batch_stats': batch_stats},
+                           normalise(images, image_stats), train=True, mutable=['batch_stats'],
+                           rngs={'dropout': jax.random.key(0)})
   return updates['batch_stats']
 
 
-def eval_step(state: TrainState, images, labels, mask, *, model, use_ema: bool):
+def eval_step(state: TrainState, images, labels, mask, *, model, use_ema: bool, image_stats=None):
   """Sums over the global batch (padding masked out): top-1 and top-5 hits, loss, count."""
   variables = ({'params': state.ema_params, 'batch_stats': state.ema_batch_stats} if use_ema else
                {'params': state.params, 'batch_stats': state.batch_stats})
-  logits = model.apply(variables, images, train=False)
+  logits = model.apply(variables, normalise(images, image_stats), train=False)
   top5 = lax.top_k(logits, min(5, logits.shape[-1]))[1]
   sums = {'top1': jnp.sum((top5[:, 0] == labels) * mask),
           'top5': jnp.sum(jnp.any(top5 == labels[:, None], axis=-1) * mask),
@@ -202,6 +261,15 @@ def check_batch(batch_size: int, mesh, process_count: int) -> int:
   return batch_size // process_count
 
 
+def eval_batch_part(batch_size: int, mesh, process_count: int) -> int:
+  """This process's part of the global eval batch: `batch_size` rounded up to a multiple of the
+  devices. Evaluation pads its last batch and masks the padding out, so a few more padded rows
+  change no result, and no eval batch a user picks has to divide the device count (500 on 8)."""
+  if batch_size < 1:
+    raise errors.UserError(f'eval batch size {batch_size}: expected a positive number of images')
+  return -(-batch_size // mesh.size) * mesh.size // process_count
+
+
 def recalibrate_batch_stats(stats_fn, state: TrainState, batches, num_batches: int, mesh,
                             use_ema: bool) -> TrainState:
   """The evaluated weights' BN statistics re-estimated as the mean over `num_batches` training
@@ -230,12 +298,49 @@ def evaluate(eval_fn, state, data, batch_size: int, mesh, limit=None) -> dict[st
           'loss': float(totals['loss']) / count, 'examples': int(totals['count'])}
 
 
-def _steps(config, model, tx, schedule, mesh):
+def _steps(config, model, tx, schedule, mesh, micro_batch: int | None = None, image_stats=None):
   train_fn = data_parallel(functools.partial(train_step, model=model, tx=tx, schedule=schedule,
-                                             config=config), mesh, 2, donate_state=True)
-  eval_fn = data_parallel(functools.partial(eval_step, model=model,
-                                            use_ema=bool(config.ema_decay)), mesh, 3)
+                                             config=config, micro_batch=micro_batch,
+                                             image_stats=image_stats), mesh, 2, donate_state=True)
+  eval_fn = data_parallel(functools.partial(eval_step, model=model, use_ema=bool(config.ema_decay),
+                                            image_stats=image_stats), mesh, 3)
   return train_fn, eval_fn
+
+
+def micro_batch_options(per_device: int, devices: int, group_size: int | None):
+  """(micro_batch, remat) for memory.fit, best first: the device's whole batch, then micro-batches
+  holding whole BN groups of the whole batch's, then the same with each MnasLayer rematerialised
+  (its activations recomputed in the backward pass), then smaller ones, whose groups span devices
+  or shrink."""
+  whole = bn_groups.grouping(per_device, devices, group_size)
+  sizes = [m for m in range(per_device, 0, -1) if per_device % m == 0]
+  exact = [m for m in sizes
+           if m == per_device or (whole.devices_per_group == 1 and m % whole.images == 0)]
+  return [(m, False) for m in exact] + [(m, True) for m in sizes]
+
+
+def fit_train_step(config, model, tx, schedule, mesh, state_shapes, batch_shapes,
+                   image_stats=None) -> memory.Fit:
+  """The train step compiled for `batch_shapes`, with the largest micro-batch that fits each
+  device's memory (`config.device_memory_gib`, else what the device reports; no limit on CPU,
+  which reports none); memory.DoesNotFit when none fits. BN groups smaller than
+  `config.bn_group_size` (a micro-batch too small to hold one) are logged as a warning."""
+  per_device = batch_shapes[0].shape[0] // mesh.size
+
+  def compile_step(micro_batch, remat):
+    step, _ = _steps(config, model.clone(remat=remat), tx, schedule, mesh, micro_batch, image_stats)
+    return step.lower(state_shapes, *batch_shapes).compile()
+
+  budget = memory.budget_bytes(config.device_memory_gib, mesh.local_devices[0])
+  fitted = memory.fit(compile_step, micro_batch_options(per_device, mesh.size, model.bn_group_size),
+                      budget, what=f'the train step of {per_device} images per device')
+  whole, chosen = (bn_groups.grouping(m, mesh.size, model.bn_group_size)
+                   for m in (per_device, fitted.micro_batch))
+  if chosen.images != whole.images:
+    logging.warning('BatchNorm statistics over %d images instead of %d: only micro-batches of %d '
+                    'of the %d images per device fit %.2f GiB', chosen.images, whole.images,
+                    fitted.micro_batch, per_device, budget / memory.GIB)
+  return fitted
 
 
 def _check_finite(loss, step):
@@ -249,15 +354,16 @@ def proxy_train(config, arch, data: input_pipeline.Data, seed: int = 0, devices=
   """Trains one child on the proxy-training part and measures top-1 on the held-out part.
 
   `config` is the search config's `proxy` section. Returns {'accuracy', 'top5', 'compile_seconds',
-  'train_seconds', 'eval_seconds', 'steps', 'final_loss'}; raises TrainingDiverged on a non-finite
-  loss. Each child compiles its initialisation, its train step, its eval step and, when
-  `config.bn_recalibration_batches` is set, the forward pass that re-estimates BN statistics before
-  evaluation; they compile concurrently (XLA compiles outside the GIL).
+  'train_seconds', 'eval_seconds', 'steps', 'final_loss', 'micro_batch', 'remat'}; raises
+  TrainingDiverged on a non-finite loss, DoesNotFit when the train step fits no micro-batch in the
+  devices' memory (fit_train_step). Each child compiles its initialisation, its train step, its
+  eval step and, when `config.bn_recalibration_batches` is set, the forward pass that re-estimates
+  BN statistics before evaluation; they compile concurrently (XLA compiles outside the GIL).
   """
   mesh = platform.data_mesh(jax.local_devices() if devices is None else devices)
   local_batch = check_batch(config.batch_size, mesh, 1)
-  eval_batch = check_batch(config.eval_batch_size, mesh, 1)
-  steps_per_epoch = data.num_train // data.process_count // local_batch
+  eval_batch = eval_batch_part(config.eval_batch_size, mesh, 1)
+  steps_per_epoch = data.num_train / data.process_count / local_batch
   total_steps = num_steps(config, steps_per_epoch)
   recalibration = config.bn_recalibration_batches
   use_ema = bool(config.ema_decay)
@@ -267,22 +373,24 @@ def proxy_train(config, arch, data: input_pipeline.Data, seed: int = 0, devices=
   start = time.perf_counter()
   # Every program is lowered from shapes alone, so the state's initialisation (itself a compiled
   # program) and the compiles all run at once.
-  make_state = functools.partial(create_state, model, tx, data.image_size, use_ema, seed)
+  make_state = functools.partial(create_state, model, tx, data.image_size, use_ema, seed, mesh)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                                          sharding=NamedSharding(mesh, P())),
                           jax.eval_shape(make_state))
   size = (data.image_size, data.image_size, 3)
   split = NamedSharding(mesh, P(AXIS))
   train_shapes, eval_shapes = ([jax.ShapeDtypeStruct((batch,) + s, d, sharding=split)
-                                for s, d in ((size, jnp.float32), ((), jnp.int32), ((), jnp.float32))]
+                                for s, d in ((size, jnp.uint8), ((), jnp.int32), ((), jnp.float32))]
                                for batch in (local_batch, eval_batch))
-  train_fn, eval_fn = _steps(config, model, tx, schedule, mesh)
-  programs = {'state': lambda: replicate(make_state(), mesh),
-              'train': lambda: train_fn.lower(abstract, *train_shapes[:2]).compile(),
+  image_stats = (data.mean, data.std)
+  _, eval_fn = _steps(config, model, tx, schedule, mesh, image_stats=image_stats)
+  programs = {'state': make_state,
+              'train': lambda: fit_train_step(config, model, tx, schedule, mesh, abstract,
+                                              train_shapes[:2], image_stats),
               'eval': lambda: eval_fn.lower(abstract, *eval_shapes).compile()}
   if recalibration:
-    stats_fn = data_parallel(functools.partial(batch_stats_step,
-                                               model=model.clone(bn_momentum=0.0)), mesh, 1)
+    stats_fn = data_parallel(functools.partial(batch_stats_step, model=model.clone(bn_momentum=0.0),
+                                               image_stats=image_stats), mesh, 1)
     programs['stats'] = lambda: stats_fn.lower((abstract.params, abstract.batch_stats),
                                                train_shapes[0]).compile()
   with concurrent.futures.ThreadPoolExecutor(len(programs)) as pool:
@@ -293,12 +401,13 @@ def proxy_train(config, arch, data: input_pipeline.Data, seed: int = 0, devices=
 
   start = time.perf_counter()
   losses = []
-  for step in range(total_steps):
-    state, metrics = compiled['train'](state, *shard_batch(mesh, *next(batches)))
-    losses.append(metrics['loss'])
-    if (step + 1) % config.check_every_steps == 0 or step + 1 == total_steps:
-      _check_finite(float(losses[-1]), step + 1)
-  final_loss = float(np.mean(jax.device_get(losses[-config.check_every_steps:])))
+  with memory.out_of_memory_does_not_fit('the train step'):
+    for step in range(total_steps):
+      state, metrics = compiled['train'].compiled(state, *shard_batch(mesh, *next(batches)))
+      losses.append(metrics['loss'])
+      if (step + 1) % config.check_every_steps == 0 or step + 1 == total_steps:
+        _check_finite(float(losses[-1]), step + 1)
+    final_loss = float(np.mean(jax.device_get(losses[-config.check_every_steps:])))
   _check_finite(final_loss, total_steps)
   train_seconds = time.perf_counter() - start
 
@@ -309,7 +418,8 @@ def proxy_train(config, arch, data: input_pipeline.Data, seed: int = 0, devices=
   eval_seconds = time.perf_counter() - start
   return {'accuracy': result['accuracy'], 'top5': result['top5'],
           'compile_seconds': compile_seconds, 'train_seconds': train_seconds,
-          'eval_seconds': eval_seconds, 'steps': total_steps, 'final_loss': final_loss}
+          'eval_seconds': eval_seconds, 'steps': total_steps, 'final_loss': final_loss,
+          'micro_batch': compiled['train'].micro_batch, 'remat': compiled['train'].remat}
 
 
 # --- the 'train' job ------------------------------------------------------------------------------
@@ -328,16 +438,24 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   process_index, process_count = jax.process_index(), jax.process_count()
   mesh = platform.data_mesh()
   local_batch = check_batch(config.batch_size, mesh, process_count)
-  eval_batch = check_batch(config.eval_batch_size, mesh, process_count)
+  eval_batch = eval_batch_part(config.eval_batch_size, mesh, process_count)
   arch = models.architecture(config.arch)  # a malformed block string fails before the data loads
   data = input_pipeline.create(config.data, config.data.split, process_index, process_count)
-  steps_per_epoch = data.num_train // config.batch_size
+  steps_per_epoch = data.num_train / config.batch_size  # a float, as the official code's
   total_steps = num_steps(config, steps_per_epoch)
   model = create_model(config, arch, data.num_classes)
   tx, schedule = create_optimizer(config, steps_per_epoch)
-  state = replicate(create_state(model, tx, data.image_size, bool(config.ema_decay), config.seed),
-                    mesh)
-  train_fn, eval_fn = _steps(config, model, tx, schedule, mesh)
+  state = create_state(model, tx, data.image_size, bool(config.ema_decay), config.seed, mesh)
+  image_stats = (data.mean, data.std)
+  _, eval_fn = _steps(config, model, tx, schedule, mesh, image_stats=image_stats)
+  batch_shapes = [jax.ShapeDtypeStruct((config.batch_size,) + s, d,
+                                       sharding=NamedSharding(mesh, P(AXIS)))
+                  for s, d in (((data.image_size, data.image_size, 3), jnp.uint8),
+                               ((), jnp.int32))]
+  train_fn = fit_train_step(config, model, tx, schedule, mesh,
+                            jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                                        sharding=x.sharding),
+                                         state), batch_shapes, image_stats).compiled
 
   manager = ocp.CheckpointManager(
       os.path.join(workdir, 'checkpoints'),
@@ -349,7 +467,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   writer = metric_writers.create_default_writer(workdir, just_logging=process_index > 0)
   if start_step == 0:
     writer.write_hparams({k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))})
-  logging.info('%s: %d params, %d steps (%d per epoch) of %d images, from step %d',
+  logging.info('%s: %d params, %d steps (%.3f per epoch) of %d images, from step %d',
                config.arch, models.count_params(state.params), total_steps, steps_per_epoch,
                config.batch_size, start_step)
   progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
@@ -359,7 +477,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   result = {}
   try:
     for step in range(start_step + 1, total_steps + 1):
-      state, metrics = train_fn(state, *shard_batch(mesh, *next(batches)))
+      with memory.out_of_memory_does_not_fit(f'step {step}'):
+        state, metrics = train_fn(state, *shard_batch(mesh, *next(batches)))
       history.append(metrics)
       progress(step)
       if step % config.log_every_steps == 0 or step == total_steps:

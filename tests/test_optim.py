@@ -1,4 +1,5 @@
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -21,6 +22,20 @@ def test_schedule_without_warmup_is_staircase_from_step_zero():
   schedule = train.learning_rate_schedule(0.016, 256, 10, warmup_epochs=0, decay_epochs=2.4)
   assert [round(float(schedule(s)), 8) for s in (0, 23, 24, 47, 48)] == \
       [0.016, 0.016, round(0.016 * 0.97, 8), round(0.016 * 0.97, 8), round(0.016 * 0.97 ** 2, 8)]
+
+
+def test_schedule_at_the_official_float_steps_per_epoch():
+  # mnasnet_main.py: steps_per_epoch = 1,281,167 / 4096 = 312.785. The warmup's length is truncated
+  # (int(5 * 312.785) = 1563), the decay period 2.4 * 312.785 = 750.68 is not: the third decay
+  # comes at step 2253, not at 2250 as with a truncated 750.
+  spe = 1_281_167 / 4096
+  schedule = train.learning_rate_schedule(0.016, 4096, spe)
+  expected = {1562: 0.256 * 1562 / 1563, 1563: 0.256 * 0.97 ** 2, 2252: 0.256 * 0.97 ** 2,
+              2253: 0.256 * 0.97 ** 3, 109_473: 0.256 * 0.97 ** 145}
+  for step, value in expected.items():
+    np.testing.assert_allclose(float(schedule(step)), value, rtol=1e-5)
+  config = ml_collections.ConfigDict({'num_steps': 0, 'num_epochs': 350.0})
+  assert train.num_steps(config, spe) == 109_474  # int(350 * 312.785), not 350 * 312 = 109,200
 
 
 def _tf_rmsprop_numpy(w, grads, lrs, decay=0.9, momentum=0.9, eps=1e-3):

@@ -38,8 +38,10 @@ def _setup(config, devices, state=None):
 
 
 def _batches(n):
+  """Batches as the model sees them (the data's uint8 normalised as the steps do on the device)."""
   data = input_pipeline.create(_train_config().data, 'full')
-  return [b for _, b in zip(range(n), data.train_batches(32, seed=0))]
+  return [(np.asarray(train.normalise(images, (data.mean, data.std))), labels)
+          for _, (images, labels) in zip(range(n), data.train_batches(32, seed=0))]
 
 
 def test_shard_map_equals_pmap_and_one_device():
@@ -77,24 +79,32 @@ def test_shard_map_equals_pmap_and_one_device():
 
 
 def test_recalibrated_statistics_are_the_batches_own_on_8_devices():
-  config = _train_config()
+  config = _train_config(bn_group_size=8)  # 4 images per device: a group spans 2 devices
   mesh, model, tx, schedule, state = _setup(config, jax.devices())
   batches = _batches(3)
   stats_fn = train.data_parallel(functools.partial(train.batch_stats_step,
                                                    model=model.clone(bn_momentum=0.0)), mesh, 1)
   recalibrated = train.recalibrate_batch_stats(stats_fn, train.replicate(state, mesh), iter(batches),
                                                3, mesh, use_ema=False)
-  # By hand, for the stem's BN: each whole batch's mean and (biased) variance of the stem conv's
-  # output, averaged over the three batches.
+  # By hand, for the stem's BN: the mean and (Bessel-corrected) variance of the stem conv's output
+  # over each group of 8 images, averaged over the groups and the three batches.
   kernel = state.params['stem']['kernel']
   outputs = [jax.lax.conv_general_dilated(images, kernel, (2, 2), 'SAME',
                                           dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
              for images, _ in batches]
+  groups = np.concatenate([np.reshape(o, (4, -1, o.shape[-1])) for o in outputs])
   stem = jax.device_get(recalibrated.batch_stats['stem_bn'])
-  np.testing.assert_allclose(stem['mean'], np.mean([o.mean((0, 1, 2)) for o in outputs], 0),
-                             rtol=1e-4, atol=1e-5)
-  np.testing.assert_allclose(stem['var'], np.mean([o.var((0, 1, 2)) for o in outputs], 0),
-                             rtol=1e-3, atol=1e-5)
+  np.testing.assert_allclose(stem['mean'], groups.mean(1).mean(0), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(stem['var'], groups.var(1, ddof=1).mean(0), rtol=1e-3, atol=1e-5)
+
+
+def test_each_model_keeps_its_own_dropout_unless_the_config_sets_one():
+  config = train_config.get_config()
+  assert config.dropout_rate is None
+  assert train.create_model(config, 'mnasnet_small', 10).dropout_rate == 0.0
+  assert train.create_model(config, 'mnasnet_a1', 10).dropout_rate == 0.2
+  config.dropout_rate = 0.3
+  assert train.create_model(config, 'mnasnet_small', 10).dropout_rate == 0.3
 
 
 def test_weight_penalty_skips_batchnorm_only():
@@ -177,4 +187,11 @@ def test_proxy_train_raises_on_divergence():
   data = input_pipeline.create_proxy_data(_train_config().data)
   with pytest.raises(train.TrainingDiverged, match='nan'):
     train.proxy_train(_proxy_config(base_learning_rate=float('nan'), num_steps=2), ARCH, data,
+                      devices=jax.devices()[:1])
+
+
+def test_proxy_train_raises_does_not_fit_when_no_micro_batch_fits():
+  data = input_pipeline.create_proxy_data(_train_config().data)
+  with pytest.raises(train.DoesNotFit, match='fits no micro-batch'):
+    train.proxy_train(_proxy_config(device_memory_gib=1e-6, num_steps=2), ARCH, data,
                       devices=jax.devices()[:1])

@@ -54,12 +54,18 @@ def get_config(arg=None):
   config.weight_decay = 1e-5
   config.label_smoothing = 0.1
   config.ema_decay = 0.9999              # 0 turns the moving average (and its evaluation) off
-  config.dropout_rate = 0.2
+  config.dropout_rate = config_dict.placeholder(float)  # None: the architecture's own (0.2;
+                                         # mnasnet_small 0, as in mnasnet_models.py)
   config.bn_momentum = 0.99              # BatchNorm's running averages (official: 0.99, eps 1e-3)
+  config.bn_group_size = 128             # images per BN statistic, as per TPU core in the official
+                                         # recipe (bn_groups.py); None: the whole global batch
   config.depth_multiplier = 1.0
   config.depthwise = 'auto'              # grouped conv on TPU/GPU, compiled C++ kernels on CPU
   config.conv = 'auto'                   # other convs: conv op on TPU/GPU, matrix product on CPU
   config.dtype = 'auto'                  # bfloat16 on TPU
+  # Per-device memory (GiB) the train step must fit, as micro-batches with gradient accumulation
+  # (memory.py); None: what the device reports (TPU, GPU), no limit on CPU, which reports none.
+  config.device_memory_gib = config_dict.placeholder(float)
 
   # Operations.
   config.eval_batch_size = 1024

@@ -21,7 +21,8 @@ from mnasnet_jax import errors
 # Fields of every record, in the order they are written (the reader accepts extra fields).
 FIELDS = ('trial', 'step', 'tokens', 'blocks', 'accuracy', 'latency_ms', 'reward', 'params', 'macs',
           'status', 'reason', 'eval_seconds', 'compile_seconds', 'train_seconds', 'process')
-STATUSES = ('ok', 'failed')
+# 'oom': the child fits no way of running on the device (memory.DoesNotFit); its reward is null.
+STATUSES = ('ok', 'failed', 'oom')
 
 
 class HistoryError(errors.UserError):

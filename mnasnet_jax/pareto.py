@@ -44,6 +44,12 @@ def _ok(records: Sequence[dict]) -> list[dict]:
   return [r for r in records if r['status'] == 'ok' and r.get('accuracy') is not None]
 
 
+def _unevaluated(records: Sequence[dict]) -> tuple[int, int]:
+  """(failed, did not fit the device) among the children without an accuracy."""
+  oom = sum(r['status'] == 'oom' for r in records)
+  return len(records) - len(_ok(records)) - oom, oom
+
+
 def front_records(records: Sequence[dict]) -> list[dict]:
   ok = _ok(records)
   if not ok:
@@ -84,8 +90,9 @@ def plot_pareto(records: Sequence[dict], target_ms: float, path: str, title: str
     ax.set_xlim(lo - 0.06 * (hi - lo), hi + 0.06 * (hi - lo))
   ax.axvline(target_ms, color='tab:gray', ls='--', lw=1.2, zorder=1,
              label=f'target T = {target_ms:.3g} ms')
-  failed = len(records) - len(ok)
-  ax.set_title(f'{title}\n{len(ok)} children evaluated' + (f', {failed} failed' if failed else ''))
+  failed, oom = _unevaluated(records)
+  ax.set_title(f'{title}\n{len(ok)} children evaluated' + (f', {failed} failed' if failed else '')
+               + (f', {oom} did not fit' if oom else ''))
   ax.set_xlabel('latency from the lookup table (ms)')
   ax.set_ylabel('held-out top-1 accuracy (%)')
   ax.grid(True, alpha=0.3)
@@ -130,10 +137,12 @@ def write_best(records: Sequence[dict], path: str, *, target_ms: float, top_k: i
   best = best_records(records, top_k)
   front_trials = {r['trial'] for r in front_records(records)}
   ok = _ok(records)
+  failed, oom = _unevaluated(records)
   lines = [
       '# Best architectures of the search', '',
       description, '',
-      f'{len(records)} children recorded, {len(ok)} evaluated, {len(records) - len(ok)} failed; '
+      f'{len(records)} children recorded, {len(ok)} evaluated, {failed} failed'
+      + (f', {oom} did not fit the device' if oom else '') + '; '
       f'target latency T = {target_ms:.4g} ms. Accuracy is top-1 on the held-out part after proxy '
       'training; latency is the lookup table\'s prediction; multiply-adds and parameters are '
       'counted analytically (`models.summary`).', '',

@@ -1,22 +1,25 @@
 """The MnasNet search (paper section 4): sample children, proxy-train each, reward, update the policy.
 
 The controller step is the unit of work and of resumption. Step s asks the strategy for
-`children_per_step` children from the state checkpointed after step s-1, evaluates each (accuracy
-from proxy training, latency from the lookup table, never measured on a device), tells the strategy
-their rewards and checkpoints the new state with Orbax as step s+1. Each child reaches
-`history.jsonl` the moment it is evaluated. A search killed at any moment and started again with the
-same command restores the last checkpoint, asks again (the strategy's randomness lives in its state,
-so it samples the same children), reuses the results the history already holds for that step and
-evaluates only the rest: nothing recorded is lost or recorded twice, and the sequence of children is
-that of an uninterrupted run. (Exactly so when proxy training is bit-for-bit repeatable: the child cut
-short by the kill is trained again, and cross-device sums on several CPU devices may add in another
-order, which can move its accuracy by an example and so the later samples.)
+`children_per_step` children (the last step for the rest of `num_children`) from the state
+checkpointed after step s-1, evaluates each (accuracy from proxy training, latency from the lookup
+table, never measured on a device), tells the strategy their rewards (a child that fits the device
+in no way is recorded as 'oom' and left out) and checkpoints the new state with Orbax as step s+1.
+Each child reaches `history.jsonl` the moment it is evaluated. A search killed at any moment and
+started again with the same command restores the last readable checkpoint, asks again (the
+strategy's randomness lives in its state, so it samples the same children), reuses the results the
+history already holds for that step and evaluates only the rest: nothing recorded is lost or
+recorded twice, and the sequence of children is that of an uninterrupted run. (Exactly so when proxy
+training is bit-for-bit repeatable: the child cut short by the kill is trained again, and
+cross-device sums on several CPU devices may add in another order, which can move its accuracy by an
+example and so the later samples.)
 
-Across hosts every process runs this same loop. The children of a step that still need evaluating are
-dealt out round-robin; each process trains its share on its own local devices; the outcomes are
+Across hosts every process runs this same loop. The children of a step that still need evaluating
+are dealt out round-robin; each process trains its share on its own local devices; the outcomes are
 gathered with `process_allgather`, so every process tells its strategy the identical rewards and the
-states stay identical. Process 0 alone writes the history, the report and the metrics; all processes
-take part in Orbax's checkpointing, as Orbax requires.
+states stay identical, and every process decides from them alike when too many children failed.
+Process 0 alone writes the history, the report and the metrics; all processes take part in Orbax's
+checkpointing, as Orbax requires.
 
 The target latency T (`config.reward.target_ms`) defaults to the table's latency of mobilenet_v2: the
 paper's T = 75 ms is MobileNetV2's latency on its Pixel 1, so the default keeps the paper's meaning on
@@ -46,8 +49,12 @@ from mnasnet_jax import reward as reward_lib
 from mnasnet_jax import search_space
 from mnasnet_jax import train
 
-STATUS_CODES = {'ok': 0, 'failed': 1}
+STATUS_CODES = {'ok': 0, 'failed': 1, 'oom': 2}
 REASON_BYTES = 240  # failure reasons travel between processes as fixed-size byte arrays
+
+
+class TooManyFailures(RuntimeError):
+  """`config.search.max_consecutive_failures` children failed in a row: a broken setup."""
 
 
 def target_latency(reward_config, table) -> float:
@@ -91,6 +98,11 @@ def enable_compilation_cache(search_config, workdir: str) -> None:
 def _float32(x) -> float:
   """Values that cross processes as float32: recorded as such so every process agrees exactly."""
   return float(np.float32(x))
+
+
+def _decode(reason: np.ndarray) -> str | None:
+  """A reason as it crossed processes (REASON_BYTES, zero-padded) back to text."""
+  return bytes(reason).rstrip(b'\0').decode('utf-8', 'replace') or None
 
 
 class Search:
@@ -158,6 +170,8 @@ class Search:
       outcome.update(accuracy=_float32(result['accuracy']),
                      compile_seconds=float(result['compile_seconds']),
                      train_seconds=float(result['train_seconds']))
+    except train.DoesNotFit as e:
+      outcome.update(status='oom', reason=f'DoesNotFit: {e}')
     except train.TrainingDiverged as e:
       outcome.update(status='failed', reason=f'TrainingDiverged: {e}')
     except Exception as e:  # pylint: disable=broad-except
@@ -167,18 +181,29 @@ class Search:
     return outcome
 
   def finish(self, child: dict, outcome: dict, process: int) -> dict:
+    """The child's record. One that does not fit ('oom') gets no reward: that is a fact about the
+    device's memory, not the architecture's accuracy, and the controller must not learn it."""
     record = dict(child, **outcome, process=process)
     if record['status'] == 'ok':
       record['reward'] = _float32(reward_lib.compute(self.config.reward, record['accuracy'],
                                                      record['latency_ms'], self.target_ms))
-    else:
+    elif record['status'] == 'failed':
       record['reward'] = _float32(self.search.failure_reward)
+    else:
+      record['reward'] = None
     return record
 
   # --- one controller step --------------------------------------------------------------------
 
+  def step_size(self, step: int) -> int:
+    """Children of controller step `step`: `children_per_step`, the last step the remainder, so
+    the search samples exactly `num_children`."""
+    return min(self.search.children_per_step,
+               self.search.num_children - step * self.search.children_per_step)
+
   def recorded(self, step: int, children: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """(already recorded?, their rewards) for the step's children, as process 0's history says."""
+    """(already recorded?, their rewards; NaN: none) for the step's children, as process 0's
+    history says."""
     n = len(children)
     known = np.zeros(n, np.int32)
     rewards = np.zeros(n, np.float32)
@@ -189,7 +214,7 @@ class Search:
         continue
       if record['tokens'] != children[c]['tokens']:
         mismatch[c] = 1
-      known[c], rewards[c] = 1, record['reward']
+      known[c], rewards[c] = 1, np.nan if record['reward'] is None else record['reward']
     if self.process_count > 1:
       known, rewards, mismatch = (np.array(x) for x in multihost_utils.broadcast_one_to_all(
           (known, rewards, mismatch)))
@@ -203,7 +228,8 @@ class Search:
     return known.astype(bool), np.asarray(rewards, np.float32)
 
   def evaluate_step(self, step: int, tokens: np.ndarray) -> np.ndarray:
-    """Rewards of the step's children, each evaluated once across all processes and recorded."""
+    """Rewards of the step's children (NaN: did not fit), each evaluated once across all processes
+    and recorded."""
     first = step * self.search.children_per_step
     children = [self.describe(first + c, step, t) for c, t in enumerate(tokens)]
     known, rewards = self.recorded(step, children)
@@ -222,72 +248,103 @@ class Search:
       record = self.finish(children[c], outcome, self.process_index)
       self.log_child(record)
       self.history.append(record)  # on disk at once on process 0, in memory elsewhere
-      rewards[c] = record['reward']
+      rewards[c] = np.nan if record['reward'] is None else record['reward']
       accuracy[c] = np.nan if outcome['accuracy'] is None else outcome['accuracy']
       status[c] = STATUS_CODES[outcome['status']]
       seconds[c] = [outcome[k] or 0.0 for k in ('eval_seconds', 'compile_seconds',
                                                  'train_seconds')]
       reason = (outcome['reason'] or '').encode('utf-8')[:REASON_BYTES]
       reasons[c, :len(reason)] = np.frombuffer(reason, np.uint8)
-      self.count_failure(outcome)
     if self.process_count > 1:
       self.gather(children, todo, rewards, accuracy, status, seconds, reasons)
+    self.check_failures(children, todo, status, reasons)
     return rewards
 
   def gather(self, children, todo, rewards, accuracy, status, seconds, reasons):
-    """Every process learns every outcome; process 0 records the children others trained."""
+    """Every process learns every outcome (rewards, status and reasons are filled in for all of
+    `todo`); process 0 records the children others trained."""
     g_rewards, g_accuracy, g_status, g_seconds, g_reasons = multihost_utils.process_allgather(
         (rewards, accuracy, status, seconds, reasons))
     names = {v: k for k, v in STATUS_CODES.items()}
     for i, c in enumerate(todo):
       owner = i % self.process_count
-      rewards[c] = g_rewards[owner, c]
+      rewards[c], status[c] = g_rewards[owner, c], g_status[owner, c]
+      reasons[c] = g_reasons[owner, c]
       if owner == self.process_index:
         continue
-      reason = bytes(g_reasons[owner, c]).rstrip(b'\0').decode('utf-8', 'replace') or None
+      reason = _decode(g_reasons[owner, c])
       acc = float(g_accuracy[owner, c])
       outcome = {'status': names[int(g_status[owner, c])], 'reason': reason,
                  'accuracy': None if math.isnan(acc) else acc,
                  'eval_seconds': float(g_seconds[owner, c, 0]),
                  'compile_seconds': float(g_seconds[owner, c, 1]) or None,
                  'train_seconds': float(g_seconds[owner, c, 2]) or None}
-      record = dict(children[c], **outcome, reward=float(g_rewards[owner, c]), process=owner)
+      reward = float(g_rewards[owner, c])
+      record = dict(children[c], **outcome, reward=None if math.isnan(reward) else reward,
+                    process=owner)
       self.history.append(record)
       if self.is_writer:
         self.log_child(record)
 
-  def count_failure(self, outcome: dict) -> None:
-    if outcome['status'] == 'ok':
-      self.consecutive_failures = 0
-      return
-    self.consecutive_failures += 1
+  def check_failures(self, children, todo, status, reasons) -> None:
+    """Stops the search at `max_consecutive_failures` failed children in a row. Counted from the
+    gathered outcomes in trial order, so every process stops at the same child with the same
+    message. A child that does not fit neither counts nor resets the count (it says nothing of the
+    setup); children taken from the history do not count (they may have failed before the fix
+    the user resumed after)."""
     limit = self.search.max_consecutive_failures
-    if limit and self.consecutive_failures >= limit:
-      raise RuntimeError(
-          f'{self.consecutive_failures} children failed in a row (last: {outcome["reason"]}); '
-          'this looks like a broken setup rather than bad architectures. Every recorded child is '
-          'kept: fix the cause and run the same command again to resume.')
+    for c in todo:
+      if status[c] == STATUS_CODES['ok']:
+        self.consecutive_failures = 0
+      elif status[c] == STATUS_CODES['failed']:
+        self.consecutive_failures += 1
+        if limit and self.consecutive_failures >= limit:
+          raise TooManyFailures(
+              f'{self.consecutive_failures} children failed in a row (last: trial '
+              f'{children[c]["trial"]}, {_decode(reasons[c])}); this looks like a broken setup '
+              'rather than bad architectures. Every recorded child is kept: fix the cause and run '
+              'the same command again to resume.')
 
   def log_child(self, r: dict) -> None:
     if r['status'] == 'ok':
       logging.info('trial %d (step %d): accuracy %.4f, latency %.3f ms, reward %.4f, %.1f s',
                    r['trial'], r['step'], r['accuracy'], r['latency_ms'], r['reward'],
                    r['eval_seconds'])
+    elif r['status'] == 'oom':
+      logging.warning('trial %d (step %d) does not fit the device, left out of the controller\'s '
+                      'update: %s', r['trial'], r['step'], r['reason'])
     else:
       logging.warning('trial %d (step %d) failed: %s', r['trial'], r['step'], r['reason'])
 
   # --- the loop ---------------------------------------------------------------------------------
 
   def restore(self):
-    """(state, first step to run): the latest checkpoint, or a fresh strategy state."""
+    """(state, first step to run): the newest readable checkpoint, or a fresh strategy state.
+
+    A checkpoint that cannot be read (random bytes from a failing disk or an interrupted copy) is
+    reported in one line and removed, and the one before it is tried: the steps after it sample
+    the same children again, which the history already holds, so nothing is trained twice. A
+    checkpoint is used only if every process reads it, so all resume from the same one."""
     fresh = jax.device_get(self.strategy.init(self.search.seed))
-    step = self.checkpoints.latest_step()
-    if step is None:
-      return fresh, 0
-    state = self.checkpoints.restore(step, args=ocp.args.StandardRestore(fresh))
-    logging.info('resumed from the checkpoint after controller step %d (%d children recorded)',
-                 step, len(self.history))
-    return jax.device_get(state), step
+    steps = sorted(self.checkpoints.all_steps(), reverse=True)
+    for i, step in enumerate(steps):
+      try:
+        state, error = self.checkpoints.restore(step, args=ocp.args.StandardRestore(fresh)), None
+      except Exception as e:  # pylint: disable=broad-except  (whatever a damaged file raises)
+        state, error = None, f'{type(e).__name__}: {(str(e).strip() or "-").splitlines()[0]}'
+      if self.process_count > 1:
+        unread = multihost_utils.process_allgather(np.int32(error is not None))
+        if error is None and np.any(unread):
+          error = f'process {int(np.argmax(unread))} cannot read it'
+      if error is None:
+        logging.info('resumed from the checkpoint after controller step %d (%d children recorded)',
+                     step, len(self.history))
+        return jax.device_get(state), step
+      logging.warning('checkpoint %d in %s cannot be read (%s); removed it, resuming from %s',
+                      step, self.checkpoints.directory, error,
+                      f'checkpoint {steps[i + 1]}' if i + 1 < len(steps) else 'the start')
+      self.checkpoints.delete(step)
+    return fresh, 0
 
   def report(self) -> None:
     if not self.is_writer:
@@ -308,29 +365,37 @@ class Search:
     logging.info('search: %d steps of %d children (%d to go), T = %.3f ms from %s, %d processes',
                  self.num_steps, self.search.children_per_step, self.num_steps - start,
                  self.target_ms, self.table.path, self.process_count)
-    rewards_so_far = [r['reward'] for r in self.history.records if r['step'] < start]
+    rewards_so_far = [r['reward'] for r in self.history.records
+                      if r['step'] < start and r['reward'] is not None]
     self.best_reward = max(rewards_so_far, default=-math.inf)
     began = time.time()
     for step in range(start, self.num_steps):
-      tokens, state = self.strategy.ask(state, self.search.children_per_step)
+      tokens, state = self.strategy.ask(state, self.step_size(step))
       rewards = self.evaluate_step(step, np.asarray(tokens))
-      state, metrics = self.strategy.tell(state, tokens, rewards)
+      told = np.isfinite(rewards)  # a child that did not fit has no reward to learn from
+      metrics = {}
+      if np.any(told):
+        state, metrics = self.strategy.tell(state, tokens[told], rewards[told])
+        self.best_reward = max(self.best_reward, float(np.max(rewards[told])))
       state = jax.device_get(state)
       self.checkpoints.save(step + 1, args=ocp.args.StandardSave(state))
-      self.best_reward = max(self.best_reward, float(np.max(rewards)))
       scalars = {k: float(v) for k, v in metrics.items()}
-      scalars.update(best_reward=self.best_reward, step_max_reward=float(np.max(rewards)))
+      scalars['best_reward'] = self.best_reward
+      if np.any(told):
+        scalars['step_max_reward'] = float(np.max(rewards[told]))
       step_records = self.history.step_records(step)
       ok = [r for r in step_records if r['status'] == 'ok']
       if ok:
         scalars.update(mean_accuracy=float(np.mean([r['accuracy'] for r in ok])),
                        mean_latency_ms=float(np.mean([r['latency_ms'] for r in ok])))
-      scalars['failed_children'] = float(len(step_records) - len(ok))
+      for status in ('failed', 'oom'):
+        scalars[f'{status}_children'] = float(sum(r['status'] == status for r in step_records))
       writer.write_scalars(step + 1, scalars)
       done = step + 1 - start
       eta = (time.time() - began) / done * (self.num_steps - step - 1)
-      logging.info('step %d/%d: mean reward %.4f, best %.4f; ETA %.0f s', step + 1, self.num_steps,
-                   float(np.mean(rewards)), self.best_reward, eta)
+      logging.info('step %d/%d: mean reward %.4f over %d children told, best %.4f; ETA %.0f s',
+                   step + 1, self.num_steps, float(np.mean(rewards[told])) if np.any(told)
+                   else math.nan, int(np.sum(told)), self.best_reward, eta)
       if self.search.report_every_steps and (step + 1) % self.search.report_every_steps == 0:
         self.report()
     writer.flush()

@@ -129,6 +129,26 @@ def test_random_search_is_uniform():
   np.testing.assert_allclose(metrics['entropy'], sum(np.log(CHOICES)))
 
 
+def test_strategies_run_on_the_cpu_at_highest_precision(ppo, evolution):
+  """Whatever the default device and its matmul precision: same tokens, state on the CPU."""
+  cpu = jax.local_devices(backend='cpu')[0]
+  other = jax.devices()[5]  # conftest's 8 CPU devices
+  for strategy in (ppo, evolution, make('random')):
+    expected, _ = strategy.ask(strategy.init(0), BATCH)
+    with jax.default_device(other), jax.default_matmul_precision('bfloat16'):
+      tokens, moved = strategy.ask(jax.device_put(strategy.init(0), other), BATCH)
+      # A smaller batch (the children that fit) is told as well; PPO compiles it once more.
+      told, _ = strategy.tell(moved, tokens[:3], (tokens[:3] == 1).mean(1))
+    np.testing.assert_array_equal(tokens, expected)
+    assert {d for leaf in jax.tree_util.tree_leaves((moved, told)) for d in leaf.devices()} == {cpu}
+    assert int(told['step']) == 1
+  state = ppo.init(0)
+  with controller.on_cpu():
+    lowered = jax.jit(controller.sample, static_argnums=(2, 3)).lower(state['params'],
+                                                                      state['key'], CHOICES, 4)
+  assert 'precision = [HIGHEST, HIGHEST]' in lowered.as_text()
+
+
 def test_orbax_round_trip(ppo, evolution, tmp_path):
   strategies = {'ppo': ppo, 'evolution': evolution, 'random': make('random')}
   states = {}

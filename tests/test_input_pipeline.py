@@ -65,7 +65,7 @@ def test_train_batches_resume_and_cover_an_epoch():
   for a, b in zip(first[4:], resumed):
     np.testing.assert_array_equal(a[0], b[0])
   epoch = np.concatenate([b[1] for b in first[:6]])  # 200 // 32 = 6 steps per epoch
-  assert len(epoch) == 192 and first[0][0].dtype == np.float32 and first[0][0].shape == (32, 16, 16, 3)
+  assert len(epoch) == 192 and first[0][0].dtype == np.uint8 and first[0][0].shape == (32, 16, 16, 3)
 
 
 def test_process_shards_and_padded_eval():
@@ -84,7 +84,8 @@ def test_fashion_mnist_and_digits():
     data = input_pipeline.create_proxy_data(_data_config('fashion_mnist', 32, holdout=10_000))
     assert (data.num_train, data.num_eval, data.num_classes) == (50_000, 10_000, 10)
     images, labels = next(data.train_batches(64, 0))
-    assert images.shape == (64, 32, 32, 3) and abs(float(images.mean())) < 0.5
+    assert images.shape == (64, 32, 32, 3) and images.dtype == np.uint8
+    assert abs(float(images.mean()) - data.mean[0]) < 0.5 * data.std[0]
   digits = input_pipeline.create(_data_config('digits', 16), 'full')
   assert (digits.num_train, digits.num_eval) == (1437, 360)
 
@@ -122,10 +123,9 @@ def test_imagenet_preprocessing_on_a_jpeg():
   image[:, 45:] = 255
   jpeg = tf.io.encode_jpeg(image, quality=100)
   out = input_pipeline.preprocess_eval(jpeg, 32).numpy()
-  assert out.shape == (32, 32, 3)
+  assert out.shape == (32, 32, 3) and out.dtype == np.uint8  # the device normalises it
   # Center crop: int(32/64 * 60) = 30 pixels square from the center, resized: half dark, half light.
-  raw = out * input_pipeline.IMAGENET_STD + input_pipeline.IMAGENET_MEAN
-  assert raw[:, :14].max() < 30 and raw[:, 18:].min() > 225
+  assert out[:, :14].max() < 30 and out[:, 18:].min() > 225
   crops = [input_pipeline.preprocess_train(jpeg, 32, tf.constant([s, 1], tf.int64)).numpy()
            for s in range(4)]
   assert all(c.shape == (32, 32, 3) for c in crops)
@@ -142,7 +142,18 @@ def test_imagenet_pipeline_with_tfds_mock_data(tmp_path):
     with unittest.mock.patch.object(tfds.core.DatasetBuilder, 'is_prepared', return_value=True):
       data = input_pipeline.create(cfg, 'search', 1, 2)
       images, labels = next(data.train_batches(4, seed=0))
-      assert images.shape == (4, 24, 24, 3) and images.dtype == np.float32 and labels.shape == (4,)
+      assert images.shape == (4, 24, 24, 3) and images.dtype == np.uint8 and labels.shape == (4,)
+      assert (data.mean, data.std) == (input_pipeline.IMAGENET_MEAN, input_pipeline.IMAGENET_STD)
+      reads = []
+      read = data._read
+      data._read = lambda *args: reads.append(args) or read(*args)
       batches = list(data.eval_batches(4, limit=10))
       assert len(batches) == data.eval_steps(4, limit=10) == 2
       assert sum(float(m.sum()) for _, _, m in batches) == 5
+      assert all(b[0].dtype == np.uint8 and b[0].shape == (4, 24, 24, 3) for b in batches)
+      # Decoded once: every later evaluation (each child's) is served from memory.
+      again = list(data.eval_batches(4, limit=10))
+      assert len(reads) == 1
+      for a, b in zip(batches, again):
+        for x, y in zip(a, b):
+          np.testing.assert_array_equal(x, y)

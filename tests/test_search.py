@@ -8,6 +8,7 @@ The kill -9 and two-process tests run this file as a worker (`python tests/test_
 import itertools
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -170,6 +171,120 @@ def test_config_mistakes_fail_before_the_data_loads(tmp_path, monkeypatch, key, 
   with pytest.raises(errors.UserError, match=message):
     search.run(config, str(tmp_path / 'work'))
   assert not os.path.exists(tmp_path / 'work')
+
+
+def _fake_training(monkeypatch, outcomes=None):
+  """Replaces proxy training: trial t scores 0.5 + t / 100, or raises `outcomes[t]`; returns the
+  trials trained, in order."""
+  from mnasnet_jax import train
+  trained = []
+
+  def proxy_train(proxy, arch, data, seed=0, devices=None):
+    trial = seed  # train_seed + trial, train_seed 0
+    trained.append(trial)
+    if trial in (outcomes or {}):
+      raise outcomes[trial]
+    return {'accuracy': 0.5 + trial / 100, 'compile_seconds': 0.0, 'train_seconds': 0.0}
+
+  monkeypatch.setattr(train, 'proxy_train', proxy_train)
+  return trained
+
+
+def _spy_tell(monkeypatch):
+  """The (tokens, rewards) each call of PPO.tell receives."""
+  from mnasnet_jax import controller
+  told, tell = [], controller.PPO.tell
+
+  def spy(self, state, tokens, rewards):
+    told.append((np.asarray(tokens).tolist(), np.asarray(rewards).tolist()))
+    return tell(self, state, tokens, rewards)
+
+  monkeypatch.setattr(controller.PPO, 'tell', spy)
+  return told
+
+
+def test_child_that_does_not_fit_is_oom_and_left_out_of_the_update(tmp_path, monkeypatch):
+  """num_children = 6 at 4 a step: exactly 6 children, the last step samples the remaining 2."""
+  from mnasnet_jax import search, train
+  config = tiny_config(tiny_table(str(tmp_path / 'table.json')), num_children=6,
+                       children_per_step=4)
+  config.search.compilation_cache = False
+  config.search.max_consecutive_failures = 1  # an oom child is not a failure of the setup
+  trained = _fake_training(monkeypatch, {1: train.DoesNotFit('fits no micro-batch in 16 GiB')})
+  told = _spy_tell(monkeypatch)
+  workdir = str(tmp_path / 'work')
+  search.run(config, workdir)
+  records = _history(workdir)
+  assert [r['trial'] for r in records] == trained == list(range(6))
+  assert [r['step'] for r in records] == [0, 0, 0, 0, 1, 1]
+  assert [r['status'] for r in records] == ['ok', 'oom', 'ok', 'ok', 'ok', 'ok']
+  assert records[1]['reward'] is None and records[1]['accuracy'] is None
+  assert records[1]['reason'] == 'DoesNotFit: fits no micro-batch in 16 GiB'
+  expected = [([r['tokens'] for r in records if r['step'] == step and r['status'] == 'ok'],
+               [pytest.approx(r['reward']) for r in records
+                if r['step'] == step and r['status'] == 'ok']) for step in (0, 1)]
+  assert told == expected  # step 0 tells 3 children, not 4 with a reward of 0
+  # Resumed from the start, the history's children are told again, the oom one still left out.
+  shutil.rmtree(os.path.join(workdir, 'checkpoints'))
+  search.run(config, workdir)
+  assert trained == list(range(6)) and told == expected * 2
+  summary = json.load(open(os.path.join(workdir, 'pareto.json')))
+  assert summary['children'] == 6 and summary['evaluated'] == 5
+  assert '0 failed, 1 did not fit the device' in open(os.path.join(workdir, 'best.md')).read()
+
+
+def test_failure_limit_counts_failed_children_in_trial_order(tmp_path, monkeypatch):
+  from mnasnet_jax import search, train
+  config = tiny_config(tiny_table(str(tmp_path / 'table.json')), num_children=6,
+                       children_per_step=3)
+  config.search.compilation_cache = False
+  config.search.max_consecutive_failures = 2
+  broken = RuntimeError('no such file: /data/shard-3')
+  _fake_training(monkeypatch, {1: broken, 2: train.DoesNotFit('too wide'), 3: broken})
+  workdir = str(tmp_path / 'work')
+  # Trial 2 does not fit: it neither counts nor resets, so trial 3 is the second failure in a row.
+  with pytest.raises(search.TooManyFailures,
+                     match=r'^2 children failed in a row \(last: trial 3, RuntimeError: no such '
+                           r'file: /data/shard-3\); this looks like a broken setup'):
+    search.run(config, workdir)
+  assert len(_history(workdir)) == 6  # the step's children are all trained and kept first
+  # Fixed and resumed: the recorded failures are not counted again, nothing is trained again.
+  trained = _fake_training(monkeypatch)
+  search.run(config, workdir)
+  assert trained == [] and [r['trial'] for r in _history(workdir)] == list(range(6))
+
+
+@pytest.mark.parametrize('damaged, only_arrays', [([2], True), ([2], False), ([2, 1], False)])
+def test_unreadable_checkpoint_resumes_from_the_newest_readable(tmp_path, monkeypatch, caplog,
+                                                                damaged, only_arrays):
+  import jax
+  from mnasnet_jax import search
+  config = tiny_config(tiny_table(str(tmp_path / 'table.json')))
+  config.search.compilation_cache = False
+  _fake_training(monkeypatch)
+  workdir = str(tmp_path / 'work')
+  straight = search.run(config, workdir)
+  checkpoints = os.path.join(workdir, 'checkpoints')
+  rng = np.random.default_rng(0)
+  for step in damaged:  # random bytes, as a failing disk or a cut copy leaves them
+    for root, _, files in os.walk(os.path.join(checkpoints, str(step))):
+      for name in files if os.path.basename(root) == 'd' or not only_arrays else ():
+        path = os.path.join(root, name)
+        size = max(os.path.getsize(path), 16)
+        open(path, 'wb').write(rng.integers(0, 256, size, np.uint8).tobytes())
+  trained = _fake_training(monkeypatch)
+  with caplog.at_level('WARNING'):
+    resumed = search.run(config, workdir)
+  assert trained == []  # every child came from the history
+  assert [r['trial'] for r in _history(workdir)] == list(range(4))
+  lines = [r.getMessage() for r in caplog.records if 'cannot be read' in r.getMessage()]
+  older = ['checkpoint 1', 'the start']
+  assert len(lines) == len(damaged)
+  for line, step, then in zip(lines, damaged, older):
+    assert line.startswith(f'checkpoint {step} in {os.path.abspath(checkpoints)} cannot be read (')
+    assert line.endswith(f'); removed it, resuming from {then}') and '\n' not in line
+  for a, b in zip(jax.tree_util.tree_leaves(straight), jax.tree_util.tree_leaves(resumed)):
+    np.testing.assert_array_equal(a, b)
 
 
 # --- subprocesses: kill -9 and two processes -------------------------------------------------------

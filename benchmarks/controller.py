@@ -47,8 +47,10 @@ from mnasnet_jax import reward
 from mnasnet_jax import search_space
 
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', os.path.join(os.path.dirname(__file__), '..', 'configs', 'search.py'),
-    'The search config: its search_space, controller and reward sections are used.')
+  'config',
+  os.path.join(os.path.dirname(__file__), '..', 'configs', 'search.py'),
+  'The search config: its search_space, controller and reward sections are used.',
+)
 _SAMPLES = flags.DEFINE_integer('samples', 5000, 'Samples per run.')
 _SEEDS = flags.DEFINE_integer('seeds', 3, 'Runs (seeds) per strategy.')
 _STRATEGIES = flags.DEFINE_list('strategies', list(controller.STRATEGIES), 'Strategies to run.')
@@ -56,8 +58,9 @@ _BATCH = flags.DEFINE_integer('ppo_batch', 32, 'Children per PPO update.')
 _EVOLUTION_BATCH = flags.DEFINE_integer('evolution_batch', 1, 'Children per evolution ask.')
 _RANDOM_BATCH = flags.DEFINE_integer('random_batch', 100, 'Children per random-search ask.')
 _PROBLEM_SEED = flags.DEFINE_integer('problem_seed', 0, 'Seed of the surrogate accuracy tables.')
-_UNIFORM = flags.DEFINE_integer('uniform_draws', 1_000_000,
-                                'Uniform samples scored to measure the fraction within the target.')
+_UNIFORM = flags.DEFINE_integer(
+  'uniform_draws', 1_000_000, 'Uniform samples scored to measure the fraction within the target.'
+)
 _WITHIN = flags.DEFINE_float('within', 0.01, 'Relative distance to the optimum that counts.')
 
 RESOLUTION = 224
@@ -66,9 +69,9 @@ TARGET_MS = 75.0
 # The stand-in accuracy: base + per block CAPACITY * log(macs / base block's macs) + seeded tastes.
 BASE_ACCURACY = 0.72
 CAPACITY = 0.008
-TASTE = 0.004          # standard deviation of each block's conv-op, kernel, SE and skip preferences
-NEIGHBOURS = 0.004     # standard deviation of the adjacent-block (conv op, kernel) interaction
-REMOVAL = 0.02         # mean accuracy lost by removing a block
+TASTE = 0.004  # standard deviation of each block's conv-op, kernel, SE and skip preferences
+NEIGHBOURS = 0.004  # standard deviation of the adjacent-block (conv op, kernel) interaction
+REMOVAL = 0.02  # mean accuracy lost by removing a block
 REPORT_AT = (50, 100, 200, 400, 700, 1000, 1500, 2000, 3000, 5000, 10000)
 
 
@@ -79,8 +82,10 @@ class Surrogate:
     self.space = space
     positions = len(search_space.DECISIONS)
     self.radix = np.asarray(space.choices[:positions])
-    if any(tuple(space.choices[k:k + positions]) != tuple(self.radix)
-           for k in range(0, len(space.choices), positions)) or len(space.searched) != len(space.base):
+    if any(
+      tuple(space.choices[k : k + positions]) != tuple(self.radix)
+      for k in range(0, len(space.choices), positions)
+    ) or len(space.searched) != len(space.base):
       raise ValueError('the benchmark needs every block searched with the same choices')
     rng = np.random.default_rng(seed)
     num_choices = int(np.prod(self.radix))
@@ -103,7 +108,7 @@ class Surrogate:
       out_width = np.zeros((num_choices, len(widths)), np.int64)
       for c in codes:
         tokens = base_tokens.copy()
-        tokens[b * positions:(b + 1) * positions] = decisions[c]
+        tokens[b * positions : (b + 1) * positions] = decisions[c]
         block = blocks.decode(space.decode(tokens)[b])
         d = decisions[c]
         for j, w in enumerate(widths):
@@ -115,27 +120,35 @@ class Surrogate:
             quality[c, j] = -removal
           else:
             residual = np.mean([layer.residual for layer in layers])
-            quality[c, j] = (CAPACITY * np.log(macs[c, j] / base_macs) + op[d[0]] + kernel[d[1]]
-                             + se[d[2]] + skip[d[3]] * residual)
+            quality[c, j] = (
+              CAPACITY * np.log(macs[c, j] / base_macs)
+              + op[d[0]]
+              + kernel[d[1]]
+              + se[d[2]]
+              + skip[d[3]] * residual
+            )
       self.widths.append(np.asarray(widths))
       self.macs.append(macs)
       self.quality.append(quality)
       self.out_width.append(out_width)
       self.neighbours.append(rng.normal(0, NEIGHBOURS, (num_features, num_features)) if b else None)
     stem = space.stem_filters
-    self.fixed_macs = (27 * stem * blocks.same_output_size(RESOLUTION, 2) ** 2
-                       + models.HEAD_FILTERS * NUM_CLASSES)
+    self.fixed_macs = (
+      27 * stem * blocks.same_output_size(RESOLUTION, 2) ** 2 + models.HEAD_FILTERS * NUM_CLASSES
+    )
     self.final_resolution = blocks.same_output_size(resolutions[-1], space.base[-1].stride)
-    self.mobilenet_macs = models.summary('mobilenet_v2', resolution=RESOLUTION,
-                                         num_classes=NUM_CLASSES)['macs']
+    self.mobilenet_macs = models.summary(
+      'mobilenet_v2', resolution=RESOLUTION, num_classes=NUM_CLASSES
+    )['macs']
 
   @staticmethod
   def _block_macs(block, resolution):
-    return sum(models.layer_cost(layer)[1] for layer in blocks.layers([block], block.in_filters,
-                                                                        resolution))
+    return sum(
+      models.layer_cost(layer)[1] for layer in blocks.layers([block], block.in_filters, resolution)
+    )
 
   def head_macs(self, width):
-    return width * models.HEAD_FILTERS * self.final_resolution ** 2
+    return width * models.HEAD_FILTERS * self.final_resolution**2
 
   def latency_ms(self, macs):
     return TARGET_MS * np.asarray(macs, np.float64) / self.mobilenet_macs
@@ -150,7 +163,7 @@ class Surrogate:
     macs = np.full(n, float(self.fixed_macs))
     previous = None
     for b in range(len(self.macs)):
-      code = np.ravel_multi_index(tokens[:, b * positions:(b + 1) * positions].T, self.radix)
+      code = np.ravel_multi_index(tokens[:, b * positions : (b + 1) * positions].T, self.radix)
       column = np.searchsorted(self.widths[b], width)
       accuracy += self.quality[b][code, column]
       macs += self.macs[b][code, column]
@@ -162,8 +175,13 @@ class Surrogate:
 
   def optimum(self, reward_fn):
     """The exact best reward and its tokens, by dynamic programming over Pareto fronts."""
-    fronts = {(self.space.stem_filters, -1): (np.array([BASE_ACCURACY]),
-                                              np.array([float(self.fixed_macs)]), None)}
+    fronts = {
+      (self.space.stem_filters, -1): (
+        np.array([BASE_ACCURACY]),
+        np.array([float(self.fixed_macs)]),
+        None,
+      )
+    }
     history = []
     for b in range(len(self.macs)):
       candidates = {}
@@ -182,7 +200,8 @@ class Surrogate:
           point = np.repeat(np.arange(len(acc)), len(group))
           choice = np.tile(group, len(acc))
           candidates.setdefault(new_key, []).append(
-              (new_acc, new_macs, np.full(len(point), key_index), point, choice))
+            (new_acc, new_macs, np.full(len(point), key_index), point, choice)
+          )
       keys = list(fronts)
       fronts, back = {}, {}
       for new_key, parts in candidates.items():
@@ -243,8 +262,9 @@ def main(argv):
   space = search_space.SearchSpace(config.search_space)
   started = time.time()
   surrogate = Surrogate(space, _PROBLEM_SEED.value)
-  reward_fn = lambda acc, macs: np.asarray(reward.compute(
-      config.reward, acc, surrogate.latency_ms(macs), TARGET_MS), np.float64)
+  reward_fn = lambda acc, macs: np.asarray(
+    reward.compute(config.reward, acc, surrogate.latency_ms(macs), TARGET_MS), np.float64
+  )
   print(f'surrogate tables built in {time.time() - started:.1f}s', flush=True)
 
   # Two paths must agree: the tables' multiply-adds and models.summary of the decoded network.
@@ -263,49 +283,71 @@ def main(argv):
   target = optimum * (1 - _WITHIN.value)
   # Random search is memoryless: its samples to the target are geometric in the fraction p of the
   # space within the target, median ln 2 / p. With no hit in N uniform draws, p < 3 / N (95%).
-  uniform_rewards = np.concatenate([
+  uniform_rewards = np.concatenate(
+    [
       reward_fn(*surrogate.evaluate(rng.integers(0, space.choices, (100_000, len(space.choices)))))
-      for _ in range(_UNIFORM.value // 100_000)])
+      for _ in range(_UNIFORM.value // 100_000)
+    ]
+  )
   hits = int(np.sum(uniform_rewards >= target))
   fraction = hits / len(uniform_rewards)
   random_median = np.log(2) / (max(hits, 3) / len(uniform_rewards))
-  print(f'optimum {optimum:.5f} (accuracy {accuracy[0]:.4f}, '
-        f'{surrogate.latency_ms(macs)[0]:.1f} ms, {macs[0] / 1e6:.0f}M mult-adds), found in '
-        f'{time.time() - started:.1f}s:\n  {space.decode(best_tokens)}')
-  print(f'{len(uniform_rewards)} uniform samples: mean reward {uniform_rewards.mean() / optimum:.4f} '
-        f'of the optimum, best {uniform_rewards.max() / optimum:.4f}; {hits} within '
-        f'{_WITHIN.value:.0%}: random search needs a median of {"over " if hits < 3 else ""}'
-        f'{random_median:.3g} samples', flush=True)
+  print(
+    f'optimum {optimum:.5f} (accuracy {accuracy[0]:.4f}, '
+    f'{surrogate.latency_ms(macs)[0]:.1f} ms, {macs[0] / 1e6:.0f}M mult-adds), found in '
+    f'{time.time() - started:.1f}s:\n  {space.decode(best_tokens)}'
+  )
+  print(
+    f'{len(uniform_rewards)} uniform samples: mean reward {uniform_rewards.mean() / optimum:.4f} '
+    f'of the optimum, best {uniform_rewards.max() / optimum:.4f}; {hits} within '
+    f'{_WITHIN.value:.0%}: random search needs a median of {"over " if hits < 3 else ""}'
+    f'{random_median:.3g} samples',
+    flush=True,
+  )
 
-  batches = {'ppo': _BATCH.value, 'evolution': _EVOLUTION_BATCH.value,
-             'random': _RANDOM_BATCH.value}
+  batches = {
+    'ppo': _BATCH.value,
+    'evolution': _EVOLUTION_BATCH.value,
+    'random': _RANDOM_BATCH.value,
+  }
   results = {}
   for name in _STRATEGIES.value:
     config.controller.strategy = name
     strategy = controller.create(config.controller, space.choices)
     reached, traces, finals = [], [], []
     for seed in range(_SEEDS.value):
-      n, trace, best, seconds, metrics = run(strategy, surrogate, reward_fn, seed, _SAMPLES.value,
-                                             batches[name], target)
+      n, trace, best, seconds, metrics = run(
+        strategy, surrogate, reward_fn, seed, _SAMPLES.value, batches[name], target
+      )
       assert best <= optimum + 1e-9, f'{name} found {best} above the optimum {optimum}: a DP bug'
       reached.append(n)
       traces.append(trace)
       finals.append(best)
       extra = ' '.join(f'{k}={v:.4g}' for k, v in sorted(metrics.items()))
-      print(f'{name:>9} seed {seed}: within {_WITHIN.value:.0%} after {n} samples; best '
-            f'{best / optimum:.4f} of optimum; {seconds:.1f}s; last step: {extra}', flush=True)
+      print(
+        f'{name:>9} seed {seed}: within {_WITHIN.value:.0%} after {n} samples; best '
+        f'{best / optimum:.4f} of optimum; {seconds:.1f}s; last step: {extra}',
+        flush=True,
+      )
     marks = sorted(traces[0])
     print(f'{name:>9} best reward / optimum, median over seeds, against samples:')
     print('           ' + ' '.join(f'{m:>7}' for m in marks))
-    print('           ' + ' '.join(f'{np.median([t[m] for t in traces]) / optimum:7.4f}'
-                                   for m in marks), flush=True)
+    print(
+      '           '
+      + ' '.join(f'{np.median([t[m] for t in traces]) / optimum:7.4f}' for m in marks),
+      flush=True,
+    )
     # Never reaching counts as infinitely many samples; the median is null when it is infinite.
     counts = sorted(np.inf if n is None else n for n in reached)
     median = float(np.median(counts))
     results[name] = {
-        'samples_to_within_1pct': None if not np.isfinite(median) else int(round(median)),
-        'per_seed': reached, 'best_fraction_of_optimum': float(np.median(finals)) / optimum,
-        'batch': batches[name], 'samples': _SAMPLES.value, 'seeds': _SEEDS.value}
+      'samples_to_within_1pct': None if not np.isfinite(median) else int(round(median)),
+      'per_seed': reached,
+      'best_fraction_of_optimum': float(np.median(finals)) / optimum,
+      'batch': batches[name],
+      'samples': _SAMPLES.value,
+      'seeds': _SEEDS.value,
+    }
   results['optimum'] = optimum
   results['uniform_fraction_within'] = fraction
   # From the uniform draws: the median of random search's geometric count (a lower bound if < 3 hits).

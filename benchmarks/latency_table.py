@@ -37,10 +37,16 @@ _TABLE = flags.DEFINE_string('table', 'litert_cpu_32.json', 'Table file or shipp
 _NUM_RANDOM = flags.DEFINE_integer('num_random', 50, 'Random architectures to validate on.')
 _NUM_FIT = flags.DEFINE_integer('num_fit', 30, 'Other random architectures to fit calibration on.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Validation sample seed; the fit sample uses seed + 1.')
-_FIT = flags.DEFINE_boolean('fit_calibration', False, 'Fit scale, unit_ms and write them to the table.')
+_FIT = flags.DEFINE_boolean(
+  'fit_calibration', False, 'Fit scale, unit_ms and write them to the table.'
+)
 _BATCH = flags.DEFINE_integer('batch', 100_000, 'Architectures for the throughput measurements.')
-_MEASURED = flags.DEFINE_string('measured', None, 'JSON file of end-to-end times to reuse and extend '
-                                '(architecture -> ms), so a refit needs no re-timing.')
+_MEASURED = flags.DEFINE_string(
+  'measured',
+  None,
+  'JSON file of end-to-end times to reuse and extend '
+  '(architecture -> ms), so a refit needs no re-timing.',
+)
 
 
 def sample(space, num, seed):
@@ -59,10 +65,13 @@ def measure(archs, table, backend, label):
     for i, arch in enumerate(archs):
       name = arch if isinstance(arch, str) else ','.join(arch)
       if name not in cache:
-        path = export.export_tflite(arch, os.path.join(tmp, 'model.tflite'), table.resolution,
-                                    table.num_classes, seed=i)
+        path = export.export_tflite(
+          arch, os.path.join(tmp, 'model.tflite'), table.resolution, table.num_classes, seed=i
+        )
         with open(path, 'rb') as f:
-          cache[name] = backend.time(f.read(), 'model')[f'{table.metadata["timing"]["statistic"]}_ms']
+          cache[name] = backend.time(f.read(), 'model')[
+            f'{table.metadata["timing"]["statistic"]}_ms'
+          ]
         if _MEASURED.value:
           with open(_MEASURED.value, 'w') as f:
             json.dump(cache, f)
@@ -78,8 +87,11 @@ def raw_sums(table, archs):
 
 def errors(predicted, measured):
   pct = np.abs(predicted - measured) / measured * 100
-  return {'mape_pct': float(pct.mean()), 'worst_pct': float(pct.max()),
-          'spearman': float(stats.spearmanr(predicted, measured).statistic)}
+  return {
+    'mape_pct': float(pct.mean()),
+    'worst_pct': float(pct.max()),
+    'spearman': float(stats.spearmanr(predicted, measured).statistic),
+  }
 
 
 def main(argv):
@@ -89,13 +101,19 @@ def main(argv):
   timing = table.metadata['timing']
   # The table's own backend and settings (a phone's table is validated on that phone).
   backend = profiler.create_backend(ml_collections.ConfigDict({'backend': table.backend, **timing}))
-  report = {'table': table.path, 'resolution': table.resolution, 'num_classes': table.num_classes,
-            'entries': len(table), 'overhead_ms': table.overhead_ms}
+  report = {
+    'table': table.path,
+    'resolution': table.resolution,
+    'num_classes': table.num_classes,
+    'entries': len(table),
+    'overhead_ms': table.overhead_ms,
+  }
   # A process's first interpreter runs slow through all its repeats (seen: 13.3 ms against 10.0 ms
   # for the same model timed again): one discarded timing, so no measured model pays for it.
   with tempfile.TemporaryDirectory() as tmp:
-    path = export.export_tflite('mobilenet_v2', os.path.join(tmp, 'warmup.tflite'),
-                                table.resolution, table.num_classes)
+    path = export.export_tflite(
+      'mobilenet_v2', os.path.join(tmp, 'warmup.tflite'), table.resolution, table.num_classes
+    )
     with open(path, 'rb') as f:
       backend.time(f.read(), 'warmup')
 
@@ -109,17 +127,21 @@ def main(argv):
   order = np.random.default_rng(_SEED.value).permutation(len(everything))
   times = np.empty(len(everything))
   times[order] = measure([everything[i] for i in order], table, backend, 'time')
-  fit_measured, measured = times[:len(fit_archs)], times[len(fit_archs):]
+  fit_measured, measured = times[: len(fit_archs)], times[len(fit_archs) :]
 
   if _FIT.value:
     scale, unit_ms = table_lib.fit_calibration(*raw_sums(table, fit_archs).T, fit_measured)
     data = json.load(open(table.path))
     data['calibration'].update(
-        scale=scale, unit_ms=unit_ms,
-        note=(f'overhead_ms: {timing["statistic"]} invoke of a one-add model; scale, unit_ms: '
-              f'relative least squares of whole-model time on (sum, units - 1) over '
-              f'{len(fit_archs)} random architectures of the space (seed {_SEED.value + 1}), none '
-              'of them judged in the validation'))
+      scale=scale,
+      unit_ms=unit_ms,
+      note=(
+        f'overhead_ms: {timing["statistic"]} invoke of a one-add model; scale, unit_ms: '
+        f'relative least squares of whole-model time on (sum, units - 1) over '
+        f'{len(fit_archs)} random architectures of the space (seed {_SEED.value + 1}), none '
+        'of them judged in the validation'
+      ),
+    )
     with open(table.path, 'w') as f:
       json.dump(data, f, indent=1)
       f.write('\n')
@@ -129,13 +151,17 @@ def main(argv):
   sums, units = raw_sums(table, archs).T
   calibrated = np.asarray([table.predict(a) for a in archs])
   report['validation'] = {
-      'num_random': len(random_archs), 'named': names,
-      'measured_ms_range': [float(measured.min()), float(measured.max())],
-      'plain_sum': errors(sums, measured),
-      'overhead_corrected': errors(sums - (units - 1) * table.overhead_ms, measured),
-      'calibrated': errors(calibrated, measured),
-      'named_models': {n: {'measured_ms': float(m), 'predicted_ms': float(p)}
-                       for n, m, p in zip(names, measured[-len(names):], calibrated[-len(names):])}}
+    'num_random': len(random_archs),
+    'named': names,
+    'measured_ms_range': [float(measured.min()), float(measured.max())],
+    'plain_sum': errors(sums, measured),
+    'overhead_corrected': errors(sums - (units - 1) * table.overhead_ms, measured),
+    'calibrated': errors(calibrated, measured),
+    'named_models': {
+      n: {'measured_ms': float(m), 'predicted_ms': float(p)}
+      for n, m, p in zip(names, measured[-len(names) :], calibrated[-len(names) :])
+    },
+  }
 
   batch = sample(space, _BATCH.value, _SEED.value + 2)
   fresh = table_lib.LatencyTable.load(table.path)  # an empty block cache: the first pass fills it
@@ -146,18 +172,23 @@ def main(argv):
   second = fresh.predict_batch(batch)
   warm = time.perf_counter() - start
   exact = np.allclose(first[:200], [table.predict(a) for a in batch[:200]], rtol=1e-12)
-  report['predict_batch'] = {'archs': len(batch), 'per_second_cold_cache': len(batch) / cold,
-                             'per_second': len(batch) / warm, 'equals_predict': bool(exact),
-                             'same_twice': bool(np.array_equal(first, second))}
+  report['predict_batch'] = {
+    'archs': len(batch),
+    'per_second_cold_cache': len(batch) / cold,
+    'per_second': len(batch) / warm,
+    'equals_predict': bool(exact),
+    'same_twice': bool(np.array_equal(first, second)),
+  }
   tokens = np.stack([space.encode(a) for a in batch[:1000]])
   tokens = np.concatenate([tokens] * (len(batch) // len(tokens)))
   fresh.predict_batch(tokens[:1])  # builds the per-block arrays once
   start = time.perf_counter()
   by_tokens = fresh.predict_batch(tokens)  # token rows of the table's space: predict_tokens
-  report['predict_tokens'] = {'archs': len(tokens),
-                              'per_second': len(tokens) / (time.perf_counter() - start),
-                              'equals_predict_batch': bool(np.allclose(
-                                  by_tokens[:1000], first[:1000], rtol=1e-12))}
+  report['predict_tokens'] = {
+    'archs': len(tokens),
+    'per_second': len(tokens) / (time.perf_counter() - start),
+    'equals_predict_batch': bool(np.allclose(by_tokens[:1000], first[:1000], rtol=1e-12)),
+  }
   print(json.dumps(report))
 
 

@@ -29,7 +29,6 @@ import time
 
 from absl import app
 from absl import flags
-
 import jax
 
 jax.config.update('jax_num_cpu_devices', 8)
@@ -46,11 +45,15 @@ from mnasnet_jax.configs import search as search_config  # noqa: E402
 
 _HOSTS = flags.DEFINE_list('hosts', ['4', '8'], 'Chips per host.')
 _BUDGETS = flags.DEFINE_list('budgets_gib', ['16', '32'], 'Per-chip memory budgets (GiB).')
-_ARCHS = flags.DEFINE_list('archs', ['widest', 'mobilenet_v2'],
-                           '"widest" (the search space\'s widest child) or named architectures.')
+_ARCHS = flags.DEFINE_list(
+  'archs',
+  ['widest', 'mobilenet_v2'],
+  '"widest" (the search space\'s widest child) or named architectures.',
+)
 _RESOLUTION = flags.DEFINE_integer('resolution', 224, 'Image size.')
 _GROUP = flags.DEFINE_integer('bn_group_size', 128, 'Images per BN statistic after.')
 _THREADS = flags.DEFINE_integer('threads', 2, 'Concurrent compiles (XLA compiles one per core).')
+
 
 def widest_option(space: search_space_lib.SearchSpace, decision: str) -> int:
   """The option of `decision` that makes a layer widest: the inverted bottleneck of the largest
@@ -68,8 +71,13 @@ def widest_option(space: search_space_lib.SearchSpace, decision: str) -> int:
 
 def widest_child(space: search_space_lib.SearchSpace) -> list[str]:
   """Every searched block at its widest option of each decision."""
-  return space.decode([widest_option(space, decision) for _ in space.searched
-                       for decision in search_space_lib.DECISIONS])
+  return space.decode(
+    [
+      widest_option(space, decision)
+      for _ in space.searched
+      for decision in search_space_lib.DECISIONS
+    ]
+  )
 
 
 def measure(arch, blocks, chips: int, proxy) -> dict:
@@ -81,24 +89,31 @@ def measure(arch, blocks, chips: int, proxy) -> dict:
   tx, schedule = train.create_optimizer(config, steps_per_epoch=300.0)
   split = NamedSharding(mesh, P(platform.BATCH_AXIS))
   size = _RESOLUTION.value
-  batch_shapes = [jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32, sharding=split),
-                  jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=split)]
+  batch_shapes = [
+    jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32, sharding=split),
+    jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=split),
+  ]
   result = {'arch': arch, 'chips': chips, 'per_chip': batch // chips}
 
   def fit(group_size, budget_gib):
     config.bn_group_size, config.device_memory_gib = group_size, budget_gib
     model = train.create_model(config, blocks, 1000).clone(batch_norm='autodiff')
     make_state = functools.partial(train.create_state, model, tx, size, bool(config.ema_decay), 0)
-    state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                        sharding=NamedSharding(mesh, P())),
-                         jax.eval_shape(make_state))
+    state = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, P())),
+      jax.eval_shape(make_state),
+    )
     start = time.perf_counter()
     try:
       fitted = train.fit_train_step(config, model, tx, schedule, mesh, state, batch_shapes)
     except memory.DoesNotFit as e:
       return {'fits': False, 'reason': str(e), 'seconds': round(time.perf_counter() - start)}
-    return {'gib': round(fitted.bytes / memory.GIB, 2), 'micro_batch': fitted.micro_batch,
-            'remat': fitted.remat, 'seconds': round(time.perf_counter() - start)}
+    return {
+      'gib': round(fitted.bytes / memory.GIB, 2),
+      'micro_batch': fitted.micro_batch,
+      'remat': fitted.remat,
+      'seconds': round(time.perf_counter() - start),
+    }
 
   result['before'] = fit(None, None)
   for budget in _BUDGETS.value:
@@ -120,17 +135,33 @@ def main(argv):
   start = time.perf_counter()
   with concurrent.futures.ThreadPoolExecutor(_THREADS.value) as pool:
     results = list(pool.map(lambda job: measure(*job, config.proxy), jobs))
-  describe = lambda v: (f'{v["gib"]} GiB at micro-batch {v["micro_batch"]}'
-                        f'{" with remat" if v["remat"] else ""}' if 'gib' in v else 'does not fit')
+  describe = lambda v: (
+    f'{v["gib"]} GiB at micro-batch {v["micro_batch"]}{" with remat" if v["remat"] else ""}'
+    if 'gib' in v
+    else 'does not fit'
+  )
   for r in results:
-    after = ', '.join(f'{key[6:]}: {describe(v)}' for key, v in r.items()
-                      if key.startswith('after_'))
-    print(f'{r["arch"]} on {r["chips"]} chips ({r["per_chip"]} images each): before '
-          f'{r["before"]["gib"]} GiB; after {after}', flush=True)
-  print(json.dumps({'resolution': _RESOLUTION.value, 'dtype': 'bfloat16',
-                    'batch': config.proxy.batch_size, 'bn_group_size': _GROUP.value,
-                    'seconds': round(time.perf_counter() - start), 'results': results,
-                    'widest_child': archs.get('widest')}))
+    after = ', '.join(
+      f'{key[6:]}: {describe(v)}' for key, v in r.items() if key.startswith('after_')
+    )
+    print(
+      f'{r["arch"]} on {r["chips"]} chips ({r["per_chip"]} images each): before '
+      f'{r["before"]["gib"]} GiB; after {after}',
+      flush=True,
+    )
+  print(
+    json.dumps(
+      {
+        'resolution': _RESOLUTION.value,
+        'dtype': 'bfloat16',
+        'batch': config.proxy.batch_size,
+        'bn_group_size': _GROUP.value,
+        'seconds': round(time.perf_counter() - start),
+        'results': results,
+        'widest_child': archs.get('widest'),
+      }
+    )
+  )
 
 
 if __name__ == '__main__':

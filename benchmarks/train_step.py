@@ -30,13 +30,20 @@ _ARCH = flags.DEFINE_string('arch', 'mnasnet_a1', 'Named architecture or comma-s
 _BATCH = flags.DEFINE_integer('batch', 16, 'Training batch size.')
 _RESOLUTION = flags.DEFINE_integer('resolution', 224, 'Input resolution.')
 _CLASSES = flags.DEFINE_integer('num_classes', 1000, 'Number of classes.')
-_DEPTHWISE = flags.DEFINE_enum('depthwise', 'all', ['all', 'auto', *platform.DEPTHWISE_FORMS],
-                               'Depthwise-conv form(s) to measure.')
-_CONV = flags.DEFINE_enum('conv', 'auto', ['auto', *platform.CONV_FORMS],
-                          'Form of the regular (stem, 1x1) convs.')
+_DEPTHWISE = flags.DEFINE_enum(
+  'depthwise',
+  'all',
+  ['all', 'auto', *platform.DEPTHWISE_FORMS],
+  'Depthwise-conv form(s) to measure.',
+)
+_CONV = flags.DEFINE_enum(
+  'conv', 'auto', ['auto', *platform.CONV_FORMS], 'Form of the regular (stem, 1x1) convs.'
+)
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed training steps.')
 _INFER_RUNS = flags.DEFINE_integer('infer_runs', 30, 'Timed batch-1 inference runs.')
-_PROXY = flags.DEFINE_string('proxy', '', 'A child to proxy-train as the local search does ("": none).')
+_PROXY = flags.DEFINE_string(
+  'proxy', '', 'A child to proxy-train as the local search does ("": none).'
+)
 
 
 def measure(form: str) -> dict:
@@ -48,12 +55,16 @@ def measure(form: str) -> dict:
   mesh = platform.data_mesh(jax.local_devices()[:1])
   state = train.replicate(train.create_state(model, tx, _RESOLUTION.value, True, 0), mesh)
   state = jax.tree.map(jnp.copy, state)  # the EMA starts as the weights: give it its own buffers
-  step = train.data_parallel(functools.partial(train.train_step, model=model, tx=tx,
-                                               schedule=schedule, config=config), mesh, 2,
-                             donate_state=True)
+  step = train.data_parallel(
+    functools.partial(train.train_step, model=model, tx=tx, schedule=schedule, config=config),
+    mesh,
+    2,
+    donate_state=True,
+  )
   rng = np.random.default_rng(0)
   images = rng.normal(size=(_BATCH.value, _RESOLUTION.value, _RESOLUTION.value, 3)).astype(
-      np.float32)
+    np.float32
+  )
   labels = rng.integers(0, _CLASSES.value, _BATCH.value).astype(np.int32)
   batch = train.shard_batch(mesh, images, labels)
 
@@ -77,10 +88,13 @@ def measure(form: str) -> dict:
     start = time.perf_counter()
     jax.block_until_ready(infer(variables, one))
     times.append(time.perf_counter() - start)
-  return {'depthwise': model.depthwise, 'conv': model.conv,
-          'compile_seconds': round(compile_seconds, 2),
-          'train_images_per_sec': round(_BATCH.value / step_seconds, 2),
-          'infer_ms': round(1000 * float(np.median(times)), 2)}
+  return {
+    'depthwise': model.depthwise,
+    'conv': model.conv,
+    'compile_seconds': round(compile_seconds, 2),
+    'train_images_per_sec': round(_BATCH.value / step_seconds, 2),
+    'infer_ms': round(1000 * float(np.median(times)), 2),
+  }
 
 
 def main(argv):
@@ -90,22 +104,35 @@ def main(argv):
   for form in forms:
     results[form] = measure(form)
     r = results[form]
-    print(f'{_ARCH.value} {_RESOLUTION.value}px batch {_BATCH.value}, depthwise {r["depthwise"]}, '
-          f'convs {r["conv"]}: '
-          f'{r["train_images_per_sec"]} train images/s, compile {r["compile_seconds"]} s, '
-          f'batch-1 inference {r["infer_ms"]} ms', flush=True)
+    print(
+      f'{_ARCH.value} {_RESOLUTION.value}px batch {_BATCH.value}, depthwise {r["depthwise"]}, '
+      f'convs {r["conv"]}: '
+      f'{r["train_images_per_sec"]} train images/s, compile {r["compile_seconds"]} s, '
+      f'batch-1 inference {r["infer_ms"]} ms',
+      flush=True,
+    )
   default = platform.depthwise_form(_DEPTHWISE.value if _DEPTHWISE.value != 'all' else 'auto')
   best = results.get(default) or next(iter(results.values()))
-  report = {'arch': _ARCH.value, 'batch': _BATCH.value, 'resolution': _RESOLUTION.value,
-            'backend': jax.default_backend(), 'devices': jax.device_count(), **best,
-            'forms': results}
+  report = {
+    'arch': _ARCH.value,
+    'batch': _BATCH.value,
+    'resolution': _RESOLUTION.value,
+    'backend': jax.default_backend(),
+    'devices': jax.device_count(),
+    **best,
+    'forms': results,
+  }
   if _PROXY.value:
     config = search_config.get_config('local')
-    proxy = train.proxy_train(config.proxy, _PROXY.value,
-                              input_pipeline.create_proxy_data(config.data))
-    print(f'proxy child {_PROXY.value}: compile {proxy["compile_seconds"]:.1f} s, train '
-          f'{proxy["train_seconds"]:.1f} s ({proxy["steps"]} steps), eval '
-          f'{proxy["eval_seconds"]:.1f} s, held-out top-1 {proxy["accuracy"]:.3f}', flush=True)
+    proxy = train.proxy_train(
+      config.proxy, _PROXY.value, input_pipeline.create_proxy_data(config.data)
+    )
+    print(
+      f'proxy child {_PROXY.value}: compile {proxy["compile_seconds"]:.1f} s, train '
+      f'{proxy["train_seconds"]:.1f} s ({proxy["steps"]} steps), eval '
+      f'{proxy["eval_seconds"]:.1f} s, held-out top-1 {proxy["accuracy"]:.3f}',
+      flush=True,
+    )
     report['proxy'] = dict(proxy, arch=_PROXY.value)
   print(json.dumps(report))
 

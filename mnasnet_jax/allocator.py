@@ -26,9 +26,9 @@ LIBRARIES = ('tcmalloc_minimal', 'tcmalloc')
 # The package JAX drives an accelerator with -> the device files of that accelerator: TPU VMs have
 # /dev/accel<N> (v2-v4) or /dev/vfio/<N> (v5e on), NVIDIA GPUs /dev/nvidia<N>.
 ACCELERATORS = {
-    'libtpu': ('/dev/accel[0-9]*', '/dev/vfio/[0-9]*'),
-    'jax_cuda12_plugin': ('/dev/nvidia[0-9]*',),
-    'jax_cuda13_plugin': ('/dev/nvidia[0-9]*',),
+  'libtpu': ('/dev/accel[0-9]*', '/dev/vfio/[0-9]*'),
+  'jax_cuda12_plugin': ('/dev/nvidia[0-9]*',),
+  'jax_cuda13_plugin': ('/dev/nvidia[0-9]*',),
 }
 
 
@@ -54,8 +54,10 @@ def runs_on_cpu() -> bool:
   platforms = os.environ.get('JAX_PLATFORMS', '').strip()
   if platforms:
     return platforms.split(',')[0].strip() == 'cpu'
-  return not any(any(glob.glob(p) for p in devices) and importlib.util.find_spec(package)
-                 for package, devices in ACCELERATORS.items())
+  return not any(
+    any(glob.glob(p) for p in devices) and importlib.util.find_spec(package)
+    for package, devices in ACCELERATORS.items()
+  )
 
 
 def use_tcmalloc() -> None:

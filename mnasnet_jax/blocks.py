@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Iterable, Sequence, Union
+from typing import Iterable
+from typing import Sequence
+from typing import Union
 
 from mnasnet_jax import errors
 
@@ -51,8 +53,11 @@ class BlockArgs:
     _check(0.0 <= self.se_ratio <= 1.0, f'se_ratio must be in [0, 1], got {self.se_ratio}', self)
     _check(self.skip in SKIP_OPS, f'skip must be one of {SKIP_OPS}, got {self.skip!r}', self)
     _check(self.op in CONV_OPS, f'op must be one of {CONV_OPS}, got {self.op!r}', self)
-    _check(self.op != 'conv' or self.expand == 1,
-           f'a regular conv layer has no expansion: expected e1, got e{self.expand}', self)
+    _check(
+      self.op != 'conv' or self.expand == 1,
+      f'a regular conv layer has no expansion: expected e1, got e{self.expand}',
+      self,
+    )
 
   def replace(self, **changes) -> BlockArgs:
     return dataclasses.replace(self, **changes)
@@ -71,8 +76,9 @@ _PART = re.compile(r'^([a-z]+)(\d[\d.]*)?$')
 def decode(block_string: str) -> BlockArgs:
   """Parses one block string; raises UserError naming the bad part and the whole string."""
   if not isinstance(block_string, str) or not block_string:
-    raise errors.UserError('expected a block string like "r3_k5_s22_e3_i24_o40_se0.25", got '
-                           f'{block_string!r}')
+    raise errors.UserError(
+      f'expected a block string like "r3_k5_s22_e3_i24_o40_se0.25", got {block_string!r}'
+    )
 
   def fail(part, why):
     raise errors.UserError(f'bad part {part!r} in block string {block_string!r}: {why}')
@@ -81,8 +87,11 @@ def decode(block_string: str) -> BlockArgs:
   for part in block_string.split('_'):
     match = _PART.match(part)
     if not match:
-      fail(part, 'expected a key followed by a number (r, k, s, e, i, o, se) or a flag '
-           f'({", ".join(_FLAGS)})')
+      fail(
+        part,
+        'expected a key followed by a number (r, k, s, e, i, o, se) or a flag '
+        f'({", ".join(_FLAGS)})',
+      )
     key, value = match.groups()
     if key in _FLAGS:
       if value is not None:
@@ -124,17 +133,29 @@ def decode(block_string: str) -> BlockArgs:
       fail(se_part, 'expected a ratio in (0, 1]')
   try:
     return BlockArgs(
-        repeats=integer('r'), kernel=integer('k'), stride=int(stride_value[0]),
-        expand=integer('e'), in_filters=integer('i'), out_filters=integer('o'),
-        se_ratio=se_ratio, **fields)
+      repeats=integer('r'),
+      kernel=integer('k'),
+      stride=int(stride_value[0]),
+      expand=integer('e'),
+      in_filters=integer('i'),
+      out_filters=integer('o'),
+      se_ratio=se_ratio,
+      **fields,
+    )
   except errors.UserError as e:
     raise errors.UserError(f'block string {block_string!r}: {e}') from None
 
 
 def encode(args: BlockArgs) -> str:
   """The canonical block string of `args`; official fields first, extensions last."""
-  parts = [f'r{args.repeats}', f'k{args.kernel}', f's{args.stride}{args.stride}', f'e{args.expand}',
-           f'i{args.in_filters}', f'o{args.out_filters}']
+  parts = [
+    f'r{args.repeats}',
+    f'k{args.kernel}',
+    f's{args.stride}{args.stride}',
+    f'e{args.expand}',
+    f'i{args.in_filters}',
+    f'o{args.out_filters}',
+  ]
   if args.se_ratio:
     parts.append(f'se{args.se_ratio:g}')
   if args.op == 'conv':
@@ -166,9 +187,13 @@ def round_filters(filters: int, multiplier: float, divisor: int = 8) -> int:
 
 def scale(blocks: Iterable[BlockLike], multiplier: float) -> list[BlockArgs]:
   """Applies the depth multiplier to every block's input and output widths."""
-  return [b.replace(in_filters=round_filters(b.in_filters, multiplier),
-                    out_filters=round_filters(b.out_filters, multiplier))
-          for b in as_block_args(blocks)]
+  return [
+    b.replace(
+      in_filters=round_filters(b.in_filters, multiplier),
+      out_filters=round_filters(b.out_filters, multiplier),
+    )
+    for b in as_block_args(blocks)
+  ]
 
 
 def same_output_size(size: int, stride: int) -> int:
@@ -233,10 +258,20 @@ def layers(blocks: Sequence[BlockLike], in_filters: int, resolution: int) -> lis
       else:
         residual = block.skip == 'pool'
       se_filters = max(1, int(block_in * block.se_ratio)) if block.se_ratio else 0
-      result.append(Layer(op=block.op, kernel=block.kernel, stride=stride, expand=block.expand,
-                          in_filters=width, out_filters=block.out_filters, se_filters=se_filters,
-                          skip=block.skip, residual=residual, resolution=resolution))
+      result.append(
+        Layer(
+          op=block.op,
+          kernel=block.kernel,
+          stride=stride,
+          expand=block.expand,
+          in_filters=width,
+          out_filters=block.out_filters,
+          se_filters=se_filters,
+          skip=block.skip,
+          residual=residual,
+          resolution=resolution,
+        )
+      )
       width = block.out_filters
       resolution = same_output_size(resolution, stride)
   return result
-

@@ -23,8 +23,8 @@ import dataclasses
 from typing import Any
 
 import flax.linen as nn
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 
 from mnasnet_jax import errors
 
@@ -49,8 +49,10 @@ def grouping(batch: int, devices: int, group_size: int | None) -> Grouping:
   smaller groups that tile the batch when `group_size` does not (the whole global batch when it is
   smaller than a group)."""
   if group_size is not None and group_size < 1:
-    raise errors.UserError(f'bn_group_size = {group_size}: expected a number of images >= 1, or '
-                           'None for the whole global batch')
+    raise errors.UserError(
+      f'bn_group_size = {group_size}: expected a number of images >= 1, or '
+      'None for the whole global batch'
+    )
   if group_size is None or group_size >= batch * devices:
     return Grouping(batch, 1, devices, devices)
   if group_size <= batch:
@@ -81,8 +83,12 @@ def statistics(groups, axis_name: str | None, layout: Grouping):
   """Per-group mean and biased variance of `split_groups` output, [groups, 1, 1, 1, C] each, in
   float32, as E[x^2] - E[x]^2 clipped at 0: nn.BatchNorm's statistics, per group."""
   groups = groups.astype(jnp.promote_types(groups.dtype, jnp.float32))
-  moments = jnp.stack([jnp.mean(groups, (1, 2, 3), keepdims=True),
-                       jnp.mean(jnp.square(groups), (1, 2, 3), keepdims=True)])
+  moments = jnp.stack(
+    [
+      jnp.mean(groups, (1, 2, 3), keepdims=True),
+      jnp.mean(jnp.square(groups), (1, 2, 3), keepdims=True),
+    ]
+  )
   mean, mean_square = group_mean(moments, axis_name, layout)
   return mean, jnp.maximum(0.0, mean_square - jnp.square(mean))
 
@@ -110,8 +116,9 @@ class BatchNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x, use_running_average: bool | None = None):
-    use_running_average = nn.merge_param('use_running_average', self.use_running_average,
-                                         use_running_average)
+    use_running_average = nn.merge_param(
+      'use_running_average', self.use_running_average, use_running_average
+    )
     features = (x.shape[-1],)
     scale = self.param('scale', nn.initializers.ones, features, jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, features, jnp.float32)
@@ -119,7 +126,8 @@ class BatchNorm(nn.Module):
     running_var = self.variable('batch_stats', 'var', jnp.ones, features, jnp.float32)
     if use_running_average:
       return affine(x, running_mean.value, running_var.value, scale, bias, self.epsilon).astype(
-          self.dtype)
+        self.dtype
+      )
     # During init the batch axis may not exist yet, as in nn.BatchNorm.
     axis_name = None if self.is_initializing() else self.axis_name
     devices = 1 if axis_name is None else lax.axis_size(axis_name)
@@ -127,8 +135,12 @@ class BatchNorm(nn.Module):
     y, mean, var = self.normalize(split_groups(x, layout), scale, bias, axis_name, layout)
     if not self.is_initializing():
       count = layout.images * x.shape[1] * x.shape[2]
-      stats = jnp.stack([jnp.mean(mean, 0).reshape(features),
-                         jnp.mean(var, 0).reshape(features) * count / max(count - 1, 1)])
+      stats = jnp.stack(
+        [
+          jnp.mean(mean, 0).reshape(features),
+          jnp.mean(var, 0).reshape(features) * count / max(count - 1, 1),
+        ]
+      )
       if axis_name is not None and layout.devices_per_group < devices:
         stats = lax.pmean(stats, axis_name)  # the mean over every device's groups
       stats = lax.stop_gradient(stats)

@@ -71,8 +71,9 @@ def _as_batch(tokens, rewards, num_positions):
   if tokens.ndim != 2 or tokens.shape[1] != num_positions:
     raise ValueError(f'expected tokens of shape [num, {num_positions}], got {tokens.shape}')
   if rewards.shape != (tokens.shape[0],):
-    raise ValueError(f'expected {tokens.shape[0]} rewards (one per sequence), got shape '
-                     f'{rewards.shape}')
+    raise ValueError(
+      f'expected {tokens.shape[0]} rewards (one per sequence), got shape {rewards.shape}'
+    )
   if not np.all(np.isfinite(rewards)):
     raise ValueError(f'rewards must be finite, got {rewards}')
   return jnp.asarray(tokens), jnp.asarray(rewards)
@@ -86,16 +87,21 @@ def _check_num(num):
 
 # --- the LSTM policy ------------------------------------------------------------------------------
 
+
 def init_policy(key, choices: Sequence[int], hidden_size: int, init_range: float) -> dict:
   """Embeddings (row 0 starts), LSTM weights, and one zero head per position (a uniform start)."""
   k_embed, k_lstm = jax.random.split(key)
   uniform = lambda k, shape: jax.random.uniform(k, shape, jnp.float32, -init_range, init_range)
   return {
-      'embedding': uniform(k_embed, (1 + sum(choices), hidden_size)),
-      'lstm': {'kernel': uniform(k_lstm, (2 * hidden_size, 4 * hidden_size)),
-               'bias': jnp.zeros((4 * hidden_size,), jnp.float32)},
-      'heads': {'kernel': jnp.zeros((len(choices), hidden_size, max(choices)), jnp.float32),
-                'bias': jnp.zeros((len(choices), max(choices)), jnp.float32)},
+    'embedding': uniform(k_embed, (1 + sum(choices), hidden_size)),
+    'lstm': {
+      'kernel': uniform(k_lstm, (2 * hidden_size, 4 * hidden_size)),
+      'bias': jnp.zeros((4 * hidden_size,), jnp.float32),
+    },
+    'heads': {
+      'kernel': jnp.zeros((len(choices), hidden_size, max(choices)), jnp.float32),
+      'bias': jnp.zeros((len(choices), max(choices)), jnp.float32),
+    },
   }
 
 
@@ -129,8 +135,13 @@ def _run(params, choices: tuple, temperature: float, num: int, inputs, sampling:
 
   zeros = jnp.zeros((num, hidden), jnp.float32)
   init = (zeros, zeros, jnp.zeros((num,), jnp.int32))
-  xs = (params['heads']['kernel'], params['heads']['bias'], jnp.asarray(valid),
-        jnp.asarray(offsets), inputs)
+  xs = (
+    params['heads']['kernel'],
+    params['heads']['bias'],
+    jnp.asarray(valid),
+    jnp.asarray(offsets),
+    inputs,
+  )
   _, (tokens, log_probs, entropies) = jax.lax.scan(step, init, xs)
   return tokens.T, log_probs.sum(0), entropies.sum(0)
 
@@ -145,12 +156,14 @@ def sample(params, key, choices: tuple, num: int, temperature: float = 1.0):
 def log_prob(params, tokens, choices: tuple, temperature: float = 1.0):
   """Log-probability [num] of each sequence under the policy, and its summed entropy [num]."""
   tokens = jnp.asarray(tokens)
-  _, log_probs, entropies = _run(params, tuple(choices), temperature, tokens.shape[0], tokens.T,
-                                 sampling=False)
+  _, log_probs, entropies = _run(
+    params, tuple(choices), temperature, tokens.shape[0], tokens.T, sampling=False
+  )
   return log_probs, entropies
 
 
 # --- PPO ------------------------------------------------------------------------------------------
+
 
 def _ppo_loss(params, tokens, old_log_probs, advantages, weights, choices, config):
   log_probs, entropies = log_prob(params, tokens, choices, config.temperature)
@@ -159,8 +172,10 @@ def _ppo_loss(params, tokens, old_log_probs, advantages, weights, choices, confi
   surrogate = jnp.minimum(ratio * advantages, clipped * advantages)
   mean = lambda x: jnp.sum(weights * x) / jnp.sum(weights)
   loss = -mean(surrogate) - config.entropy_weight * mean(entropies)
-  return loss, {'approx_kl': mean(old_log_probs - log_probs),
-                'clip_fraction': mean((jnp.abs(ratio - 1.0) > config.clip_epsilon).astype(jnp.float32))}
+  return loss, {
+    'approx_kl': mean(old_log_probs - log_probs),
+    'clip_fraction': mean((jnp.abs(ratio - 1.0) > config.clip_epsilon).astype(jnp.float32)),
+  }
 
 
 class PPO:
@@ -169,8 +184,9 @@ class PPO:
   def __init__(self, config, choices: Sequence[int]):
     self.config = config
     self.choices = tuple(int(c) for c in choices)
-    self.optimizer = optax.chain(optax.clip_by_global_norm(config.max_grad_norm),
-                                 optax.adam(config.learning_rate))
+    self.optimizer = optax.chain(
+      optax.clip_by_global_norm(config.max_grad_norm), optax.adam(config.learning_rate)
+    )
     self._sample = jax.jit(self._sample_impl, static_argnums=1)
     self._update = jax.jit(self._update_impl)
 
@@ -178,8 +194,13 @@ class PPO:
   def init(self, seed: int) -> dict:
     key, init_key = jax.random.split(jax.random.PRNGKey(seed))
     params = init_policy(init_key, self.choices, self.config.hidden_size, self.config.init_range)
-    return {'params': params, 'opt_state': self.optimizer.init(params),
-            'baseline': jnp.zeros((), jnp.float32), 'key': key, 'step': jnp.zeros((), jnp.int32)}
+    return {
+      'params': params,
+      'opt_state': self.optimizer.init(params),
+      'baseline': jnp.zeros((), jnp.float32),
+      'key': key,
+      'step': jnp.zeros((), jnp.int32),
+    }
 
   def _sample_impl(self, state, num):
     key, sample_key = jax.random.split(state['key'])
@@ -205,31 +226,47 @@ class PPO:
     key, epochs_key = jax.random.split(state['key'])
 
     def epoch(carry, epoch_key):
-      order = jnp.concatenate([jax.random.permutation(epoch_key, num),
-                               jnp.zeros((count * size - num,), jnp.int32)]).reshape(count, size)
+      order = jnp.concatenate(
+        [jax.random.permutation(epoch_key, num), jnp.zeros((count * size - num,), jnp.int32)]
+      ).reshape(count, size)
       weights = (jnp.arange(count * size) < num).astype(jnp.float32).reshape(count, size)
 
       def minibatch(carry, batch):
         params, opt_state = carry
         index, weight = batch
         grads, info = jax.grad(_ppo_loss, has_aux=True)(
-            params, tokens[index], old_log_probs[index], advantages[index], weight, self.choices,
-            config)
+          params,
+          tokens[index],
+          old_log_probs[index],
+          advantages[index],
+          weight,
+          self.choices,
+          config,
+        )
         updates, opt_state = self.optimizer.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state), info
 
       return jax.lax.scan(minibatch, carry, (order, weights))
 
     (params, opt_state), info = jax.lax.scan(
-        epoch, (state['params'], state['opt_state']), jax.random.split(epochs_key, config.epochs))
-    new_state = {'params': params, 'opt_state': opt_state,
-                 'baseline': config.baseline_decay * baseline
-                             + (1.0 - config.baseline_decay) * jnp.mean(rewards),
-                 'key': key, 'step': state['step'] + 1}
-    metrics = {'mean_reward': jnp.mean(rewards), 'max_reward': jnp.max(rewards),
-               'baseline': new_state['baseline'], 'entropy': jnp.mean(entropies),
-               'approx_kl': info['approx_kl'][-1].mean(),
-               'clip_fraction': info['clip_fraction'][-1].mean()}
+      epoch, (state['params'], state['opt_state']), jax.random.split(epochs_key, config.epochs)
+    )
+    new_state = {
+      'params': params,
+      'opt_state': opt_state,
+      'baseline': config.baseline_decay * baseline
+      + (1.0 - config.baseline_decay) * jnp.mean(rewards),
+      'key': key,
+      'step': state['step'] + 1,
+    }
+    metrics = {
+      'mean_reward': jnp.mean(rewards),
+      'max_reward': jnp.max(rewards),
+      'baseline': new_state['baseline'],
+      'entropy': jnp.mean(entropies),
+      'approx_kl': info['approx_kl'][-1].mean(),
+      'clip_fraction': info['clip_fraction'][-1].mean(),
+    }
     return new_state, metrics
 
   @_on_cpu
@@ -240,6 +277,7 @@ class PPO:
 
 
 # --- regularised evolution ------------------------------------------------------------------------
+
 
 class Evolution:
   """Regularised evolution (Real et al. 2019): tournament selection, one-decision mutation, aging.
@@ -252,8 +290,10 @@ class Evolution:
     self.config = config
     self.choices = tuple(int(c) for c in choices)
     if config.sample_size < 1 or config.population_size < 1:
-      raise errors.UserError(f'population_size ({config.population_size}) and sample_size '
-                             f'({config.sample_size}) must be positive')
+      raise errors.UserError(
+        f'population_size ({config.population_size}) and sample_size '
+        f'({config.sample_size}) must be positive'
+      )
     if max(self.choices) < 2:
       raise ValueError(f'nothing to mutate: every position has one option ({self.choices})')
     self._ask = jax.jit(self._ask_impl, static_argnums=1)
@@ -262,9 +302,13 @@ class Evolution:
   @_on_cpu
   def init(self, seed: int) -> dict:
     size = self.config.population_size
-    return {'population': jnp.zeros((size, len(self.choices)), jnp.int32),
-            'rewards': jnp.zeros((size,), jnp.float32), 'count': jnp.zeros((), jnp.int32),
-            'key': jax.random.PRNGKey(seed), 'step': jnp.zeros((), jnp.int32)}
+    return {
+      'population': jnp.zeros((size, len(self.choices)), jnp.int32),
+      'rewards': jnp.zeros((size,), jnp.float32),
+      'count': jnp.zeros((), jnp.int32),
+      'key': jax.random.PRNGKey(seed),
+      'step': jnp.zeros((), jnp.int32),
+    }
 
   def _ask_impl(self, state, num):
     choices = jnp.asarray(self.choices)
@@ -300,13 +344,22 @@ class Evolution:
       return population.at[slot].set(tokens[i]), values.at[slot].set(rewards[i]), count + 1
 
     population, values, count = jax.lax.fori_loop(
-        0, tokens.shape[0], insert, (state['population'], state['rewards'], state['count']))
+      0, tokens.shape[0], insert, (state['population'], state['rewards'], state['count'])
+    )
     alive = jnp.arange(size) < count
-    new_state = {**state, 'population': population, 'rewards': values, 'count': count,
-                 'step': state['step'] + 1}
-    metrics = {'mean_reward': jnp.mean(rewards), 'max_reward': jnp.max(rewards),
-               'population_mean_reward': jnp.sum(jnp.where(alive, values, 0.0)) / jnp.sum(alive),
-               'population_best_reward': jnp.max(jnp.where(alive, values, -jnp.inf))}
+    new_state = {
+      **state,
+      'population': population,
+      'rewards': values,
+      'count': count,
+      'step': state['step'] + 1,
+    }
+    metrics = {
+      'mean_reward': jnp.mean(rewards),
+      'max_reward': jnp.max(rewards),
+      'population_mean_reward': jnp.sum(jnp.where(alive, values, 0.0)) / jnp.sum(alive),
+      'population_best_reward': jnp.max(jnp.where(alive, values, -jnp.inf)),
+    }
     return new_state, metrics
 
   @_on_cpu
@@ -318,6 +371,7 @@ class Evolution:
 
 # --- random search --------------------------------------------------------------------------------
 
+
 class RandomSearch:
   """Uniform samples from the space: the baseline every search must beat."""
 
@@ -328,8 +382,11 @@ class RandomSearch:
 
   @_on_cpu
   def init(self, seed: int) -> dict:
-    return {'key': jax.random.PRNGKey(seed), 'step': jnp.zeros((), jnp.int32),
-            'best_reward': jnp.full((), -jnp.inf, jnp.float32)}
+    return {
+      'key': jax.random.PRNGKey(seed),
+      'step': jnp.zeros((), jnp.int32),
+      'best_reward': jnp.full((), -jnp.inf, jnp.float32),
+    }
 
   def _ask_impl(self, state, num):
     key, sample_key = jax.random.split(state['key'])
@@ -345,9 +402,12 @@ class RandomSearch:
     tokens, rewards = _as_batch(tokens, rewards, len(self.choices))
     best = jnp.maximum(state['best_reward'], jnp.max(rewards))
     state = {**state, 'best_reward': best, 'step': state['step'] + 1}
-    return state, {'mean_reward': float(jnp.mean(rewards)), 'max_reward': float(jnp.max(rewards)),
-                   'best_reward': float(best),
-                   'entropy': float(sum(math.log(c) for c in self.choices))}
+    return state, {
+      'mean_reward': float(jnp.mean(rewards)),
+      'max_reward': float(jnp.max(rewards)),
+      'best_reward': float(best),
+      'entropy': float(sum(math.log(c) for c in self.choices)),
+    }
 
 
 def create(config, choices: Sequence[int]):

@@ -19,8 +19,23 @@ from absl import logging
 from mnasnet_jax import errors
 
 # Fields of every record, in the order they are written (the reader accepts extra fields).
-FIELDS = ('trial', 'step', 'tokens', 'blocks', 'accuracy', 'latency_ms', 'reward', 'params', 'macs',
-          'status', 'reason', 'eval_seconds', 'compile_seconds', 'train_seconds', 'process')
+FIELDS = (
+  'trial',
+  'step',
+  'tokens',
+  'blocks',
+  'accuracy',
+  'latency_ms',
+  'reward',
+  'params',
+  'macs',
+  'status',
+  'reason',
+  'eval_seconds',
+  'compile_seconds',
+  'train_seconds',
+  'process',
+)
 # 'oom': the child fits no way of running on the device (memory.DoesNotFit); its reward is null.
 STATUSES = ('ok', 'failed', 'oom')
 
@@ -51,8 +66,12 @@ def _parse(path: str) -> tuple[list[dict], int]:
     data = f.read()
   end = data.rfind(b'\n') + 1  # everything after the last newline is a line cut short by a kill
   if end < len(data):
-    logging.warning('%s: dropping a truncated last line of %d bytes (the process was killed while '
-                    'writing it; that child will be evaluated again)', path, len(data) - end)
+    logging.warning(
+      '%s: dropping a truncated last line of %d bytes (the process was killed while '
+      'writing it; that child will be evaluated again)',
+      path,
+      len(data) - end,
+    )
   records, seen = [], set()
   for number, line in enumerate(data[:end].splitlines(), start=1):
     if not line.strip():
@@ -60,11 +79,14 @@ def _parse(path: str) -> tuple[list[dict], int]:
     try:
       record = json.loads(line)
     except json.JSONDecodeError as e:
-      raise HistoryError(f'{path}, line {number}: not a JSON record ({e}); expected one JSON object '
-                         'per line as written by mnasnet_jax.history') from None
+      raise HistoryError(
+        f'{path}, line {number}: not a JSON record ({e}); expected one JSON object '
+        'per line as written by mnasnet_jax.history'
+      ) from None
     if not isinstance(record, dict) or 'trial' not in record:
-      raise HistoryError(f'{path}, line {number}: expected a JSON object with a "trial" field, got '
-                         f'{line[:80]!r}')
+      raise HistoryError(
+        f'{path}, line {number}: expected a JSON object with a "trial" field, got {line[:80]!r}'
+      )
     if record['trial'] in seen:
       raise HistoryError(f'{path}, line {number}: trial {record["trial"]} is recorded twice')
     seen.add(record['trial'])

@@ -24,18 +24,20 @@ from ml_collections import config_flags
 from mnasnet_jax import errors
 
 JOBS = {
-    'summary': 'mnasnet_jax.models:print_summary_table',
-    'search': 'mnasnet_jax.search:run',
-    'profile_latency': 'mnasnet_jax.latency.profiler:run',
-    'train': 'mnasnet_jax.train:run',
-    'export': 'mnasnet_jax.latency.export:run',
+  'summary': 'mnasnet_jax.models:print_summary_table',
+  'search': 'mnasnet_jax.search:run',
+  'profile_latency': 'mnasnet_jax.latency.profiler:run',
+  'train': 'mnasnet_jax.train:run',
+  'export': 'mnasnet_jax.latency.export:run',
 }
 
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Config file or module, optionally with ":ARG".', lock_config=True)
+  'config', None, 'Config file or module, optionally with ":ARG".', lock_config=True
+)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, history and reports.')
-_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
-                                   'host:port of process 0, for multi-process runs off Cloud TPU.')
+_COORDINATOR = flags.DEFINE_string(
+  'coordinator_address', None, 'host:port of process 0, for multi-process runs off Cloud TPU.'
+)
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes in the job.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, "This process's index in the job.")
 flags.mark_flag_as_required('config')
@@ -43,6 +45,7 @@ flags.mark_flag_as_required('config')
 
 def _initialise_distributed():
   import jax  # pylint: disable=g-import-not-at-top
+
   if _NUM_PROCESSES.value is not None:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   elif 'TPU_WORKER_HOSTNAMES' in os.environ or 'CLOUD_TPU_TASK_ID' in os.environ:
@@ -62,9 +65,11 @@ def config_path(value: str) -> str:
     except ImportError:
       pass
   if spec is None or not spec.origin or not os.path.isfile(spec.origin):
-    raise errors.UserError(f'--config={value}: no config file or module {name!r}; expected a '
-                           'path such as configs/search.py or a module such as '
-                           'mnasnet_jax.configs.search')
+    raise errors.UserError(
+      f'--config={value}: no config file or module {name!r}; expected a '
+      'path such as configs/search.py or a module such as '
+      'mnasnet_jax.configs.search'
+    )
   return spec.origin + colon + arg
 
 
@@ -85,7 +90,7 @@ def parse_flags(argv):
   given, argv = argv, list(argv)
   for i, arg in enumerate(argv):
     if arg.startswith('--config='):
-      argv[i] = '--config=' + report_user_errors(config_path, arg[len('--config='):])
+      argv[i] = '--config=' + report_user_errors(config_path, arg[len('--config=') :])
     elif arg == '--config' and i + 1 < len(argv):
       argv[i + 1] = report_user_errors(config_path, argv[i + 1])
   try:
@@ -95,9 +100,11 @@ def parse_flags(argv):
     key = re.search(r"'([^'\\]+)", message).group(1) if "'" in message else message
     hint = re.search(r'Did you mean "([^"]+)"', message)
     override = next((a for a in argv if a.startswith('--config.') and f'.{key}' in a), key)
-    sys.exit(f'error: {override}: the config has no key {key!r}'
-             + (f' (did you mean {hint.group(1)!r}?)' if hint else '')
-             + '; see the config file for the keys it defines')
+    sys.exit(
+      f'error: {override}: the config has no key {key!r}'
+      + (f' (did you mean {hint.group(1)!r}?)' if hint else '')
+      + '; see the config file for the keys it defines'
+    )
   except flags.Error as e:
     user_error = _innermost_user_error(e)
     if user_error is not None:
@@ -118,12 +125,15 @@ def report_user_errors(function, *args):
 
 def _run_job(argv):
   if len(argv) > 1:
-    raise errors.UserError(f'unexpected arguments {argv[1:]}: expected only flags (--config=..., '
-                           '--workdir=..., --config.KEY=VALUE)')
+    raise errors.UserError(
+      f'unexpected arguments {argv[1:]}: expected only flags (--config=..., '
+      '--workdir=..., --config.KEY=VALUE)'
+    )
   config = _CONFIG.value
   if config.job not in JOBS:
-    raise errors.UserError(f'unknown job {config.job!r} in the config: expected one of '
-                           f'{sorted(JOBS)}')
+    raise errors.UserError(
+      f'unknown job {config.job!r} in the config: expected one of {sorted(JOBS)}'
+    )
   _initialise_distributed()
   logging.info('config:\n%s', config)
   module, function = JOBS[config.job].split(':')
@@ -137,6 +147,7 @@ def main(argv):
 def run():
   """The console script `mnasnet`: re-executes under tcmalloc (allocator.py), then runs the job."""
   from mnasnet_jax import allocator  # pylint: disable=g-import-not-at-top
+
   allocator.use_tcmalloc()
   app.run(main, flags_parser=parse_flags)
 

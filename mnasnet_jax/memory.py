@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Any
+from typing import Callable
+from typing import Sequence
 
-import jax
 from absl import logging
+import jax
 
 from mnasnet_jax import errors
 
-GIB = 2 ** 30
+GIB = 2**30
 
 
 class DoesNotFit(RuntimeError):
@@ -35,8 +37,10 @@ def budget_bytes(device_memory_gib: float | None, device=None) -> int | None:
   with no budget nothing is fitted."""
   if device_memory_gib is not None:
     if device_memory_gib <= 0:
-      raise errors.UserError(f'device_memory_gib = {device_memory_gib}: expected a positive size '
-                             "in GiB, or None for the device's own")
+      raise errors.UserError(
+        f'device_memory_gib = {device_memory_gib}: expected a positive size '
+        "in GiB, or None for the device's own"
+      )
     return int(device_memory_gib * GIB)
   stats = (device or jax.local_devices()[0]).memory_stats()
   return int(stats['bytes_limit']) if stats and 'bytes_limit' in stats else None
@@ -47,8 +51,12 @@ def program_bytes(compiled) -> tuple[int, int]:
   arguments, outputs not aliasing a donated argument, and temporaries."""
   analysis = compiled.memory_analysis()
   temp = analysis.temp_size_in_bytes
-  return (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
-          - analysis.alias_size_in_bytes + temp), temp
+  return (
+    analysis.argument_size_in_bytes
+    + analysis.output_size_in_bytes
+    - analysis.alias_size_in_bytes
+    + temp
+  ), temp
 
 
 def _resource_exhausted(error: Exception) -> bool:
@@ -73,12 +81,16 @@ class Fit:
 
   micro_batch: int
   remat: bool
-  bytes: int          # per device, by XLA's memory analysis
-  compiled: Any       # the step compiled so
+  bytes: int  # per device, by XLA's memory analysis
+  compiled: Any  # the step compiled so
 
 
-def fit(compile_step: Callable[[int, bool], Any], options: Sequence[tuple[int, bool]],
-        budget: int | None, what: str = 'the train step') -> Fit:
+def fit(
+  compile_step: Callable[[int, bool], Any],
+  options: Sequence[tuple[int, bool]],
+  budget: int | None,
+  what: str = 'the train step',
+) -> Fit:
   """The first of `options` ((micro_batch, remat), in order of preference) whose compiled
   `compile_step(micro_batch, remat)` fits `budget` bytes per device; the first option unfitted when
   there is no budget.
@@ -119,15 +131,28 @@ def fit(compile_step: Callable[[int, bool], Any], options: Sequence[tuple[int, b
     last[remat] = micro_batch
     if budget is None or total <= budget:
       if budget is not None:
-        logging.info('%s fits at micro-batch %s: %.2f GiB of %.2f GiB%s', what, name, total / GIB,
-                     budget / GIB, f' (tried {"; ".join(tried)})' if tried else '')
+        logging.info(
+          '%s fits at micro-batch %s: %.2f GiB of %.2f GiB%s',
+          what,
+          name,
+          total / GIB,
+          budget / GIB,
+          f' (tried {"; ".join(tried)})' if tried else '',
+        )
       return Fit(micro_batch, remat, total, compiled)
     tried.append(f'{name}: {total / GIB:.2f} GiB')
     without = measured.get((micro_batch, False))
     if remat and without and total > 0.95 * without[0]:
       remat_saves = False
-      logging.info('%s: rematerialising saves no memory here (%.2f GiB, %.2f without, at '
-                   'micro-batch %d): going on without', what, total / GIB, without[0] / GIB,
-                   micro_batch)
-  raise DoesNotFit(f'{what} fits no micro-batch in {budget / GIB:.2f} GiB per device (tried '
-                   f'{"; ".join(tried) or "none"}; the others are estimated larger)')
+      logging.info(
+        '%s: rematerialising saves no memory here (%.2f GiB, %.2f without, at '
+        'micro-batch %d): going on without',
+        what,
+        total / GIB,
+        without[0] / GIB,
+        micro_batch,
+      )
+  raise DoesNotFit(
+    f'{what} fits no micro-batch in {budget / GIB:.2f} GiB per device (tried '
+    f'{"; ".join(tried) or "none"}; the others are estimated larger)'
+  )

@@ -14,13 +14,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Sequence, Union
+from typing import Any
+from typing import Callable
+from typing import Sequence
+from typing import Union
 
 import flax.linen as nn
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from mnasnet_jax import blocks as blocks_lib
 from mnasnet_jax import bn_groups
@@ -39,31 +42,75 @@ class Architecture:
 
 
 ARCHITECTURES = {
-    'mnasnet_a1': Architecture((
-        'r1_k3_s11_e1_i32_o16_noskip', 'r2_k3_s22_e6_i16_o24', 'r3_k5_s22_e3_i24_o40_se0.25',
-        'r4_k3_s22_e6_i40_o80', 'r2_k3_s11_e6_i80_o112_se0.25', 'r3_k5_s22_e6_i112_o160_se0.25',
-        'r1_k3_s11_e6_i160_o320')),
-    'mnasnet_b1': Architecture((
-        'r1_k3_s11_e1_i32_o16_noskip', 'r3_k3_s22_e3_i16_o24', 'r3_k5_s22_e3_i24_o40',
-        'r3_k5_s22_e6_i40_o80', 'r2_k3_s11_e6_i80_o96', 'r4_k5_s22_e6_i96_o192',
-        'r1_k3_s11_e6_i192_o320_noskip')),
-    'mnasnet_small': Architecture((
-        'r1_k3_s11_e1_i16_o8', 'r1_k3_s22_e3_i8_o16', 'r2_k3_s22_e6_i16_o16',
-        'r4_k5_s22_e6_i16_o32_se0.25', 'r3_k3_s11_e6_i32_o32_se0.25', 'r3_k5_s22_e6_i32_o88_se0.25',
-        'r1_k3_s11_e6_i88_o144'), stem_filters=8, dropout_rate=0.0),
-    'mnasnet_d1': Architecture((
-        'r1_k3_s11_e9_i32_o24', 'r3_k3_s22_e9_i24_o36', 'r5_k3_s22_e9_i36_o48',
-        'r4_k5_s22_e9_i48_o96', 'r5_k7_s11_e3_i96_o96', 'r3_k3_s22_e9_i96_o80',
-        'r1_k7_s11_e6_i80_o320_noskip')),
-    'mnasnet_d1_320': Architecture((
-        'r3_k5_s11_e6_i32_o24', 'r4_k7_s22_e9_i24_o36', 'r5_k5_s22_e9_i36_o48',
-        'r5_k7_s22_e6_i48_o96', 'r5_k3_s11_e9_i96_o144', 'r5_k5_s22_e6_i144_o160',
-        'r1_k7_s11_e9_i160_o320')),
-    # MobileNetV2 1.0 as a point of the search space: its (t, c, n, s) table in MnasNet's layers.
-    'mobilenet_v2': Architecture((
-        'r1_k3_s11_e1_i32_o16', 'r2_k3_s22_e6_i16_o24', 'r3_k3_s22_e6_i24_o32',
-        'r4_k3_s22_e6_i32_o64', 'r3_k3_s11_e6_i64_o96', 'r3_k3_s22_e6_i96_o160',
-        'r1_k3_s11_e6_i160_o320')),
+  'mnasnet_a1': Architecture(
+    (
+      'r1_k3_s11_e1_i32_o16_noskip',
+      'r2_k3_s22_e6_i16_o24',
+      'r3_k5_s22_e3_i24_o40_se0.25',
+      'r4_k3_s22_e6_i40_o80',
+      'r2_k3_s11_e6_i80_o112_se0.25',
+      'r3_k5_s22_e6_i112_o160_se0.25',
+      'r1_k3_s11_e6_i160_o320',
+    )
+  ),
+  'mnasnet_b1': Architecture(
+    (
+      'r1_k3_s11_e1_i32_o16_noskip',
+      'r3_k3_s22_e3_i16_o24',
+      'r3_k5_s22_e3_i24_o40',
+      'r3_k5_s22_e6_i40_o80',
+      'r2_k3_s11_e6_i80_o96',
+      'r4_k5_s22_e6_i96_o192',
+      'r1_k3_s11_e6_i192_o320_noskip',
+    )
+  ),
+  'mnasnet_small': Architecture(
+    (
+      'r1_k3_s11_e1_i16_o8',
+      'r1_k3_s22_e3_i8_o16',
+      'r2_k3_s22_e6_i16_o16',
+      'r4_k5_s22_e6_i16_o32_se0.25',
+      'r3_k3_s11_e6_i32_o32_se0.25',
+      'r3_k5_s22_e6_i32_o88_se0.25',
+      'r1_k3_s11_e6_i88_o144',
+    ),
+    stem_filters=8,
+    dropout_rate=0.0,
+  ),
+  'mnasnet_d1': Architecture(
+    (
+      'r1_k3_s11_e9_i32_o24',
+      'r3_k3_s22_e9_i24_o36',
+      'r5_k3_s22_e9_i36_o48',
+      'r4_k5_s22_e9_i48_o96',
+      'r5_k7_s11_e3_i96_o96',
+      'r3_k3_s22_e9_i96_o80',
+      'r1_k7_s11_e6_i80_o320_noskip',
+    )
+  ),
+  'mnasnet_d1_320': Architecture(
+    (
+      'r3_k5_s11_e6_i32_o24',
+      'r4_k7_s22_e9_i24_o36',
+      'r5_k5_s22_e9_i36_o48',
+      'r5_k7_s22_e6_i48_o96',
+      'r5_k3_s11_e9_i96_o144',
+      'r5_k5_s22_e6_i144_o160',
+      'r1_k7_s11_e9_i160_o320',
+    )
+  ),
+  # MobileNetV2 1.0 as a point of the search space: its (t, c, n, s) table in MnasNet's layers.
+  'mobilenet_v2': Architecture(
+    (
+      'r1_k3_s11_e1_i32_o16',
+      'r2_k3_s22_e6_i16_o24',
+      'r3_k3_s22_e6_i24_o32',
+      'r4_k3_s22_e6_i32_o64',
+      'r3_k3_s11_e6_i64_o96',
+      'r3_k3_s22_e6_i96_o160',
+      'r1_k3_s11_e6_i160_o320',
+    )
+  ),
 }
 
 ArchLike = Union[str, Sequence[str], Sequence[blocks_lib.BlockArgs], Architecture]
@@ -79,8 +126,10 @@ def architecture(arch: ArchLike) -> Architecture:
     if '_' in arch and arch.startswith('r'):
       arch = arch.split(',')
     else:
-      raise errors.UserError(f'unknown architecture {arch!r}: expected one of '
-                             f'{sorted(ARCHITECTURES)} or a comma-separated list of block strings')
+      raise errors.UserError(
+        f'unknown architecture {arch!r}: expected one of '
+        f'{sorted(ARCHITECTURES)} or a comma-separated list of block strings'
+      )
   parsed = blocks_lib.as_block_args(arch)
   if not parsed:
     raise errors.UserError('an architecture needs at least one block string')
@@ -88,6 +137,7 @@ def architecture(arch: ArchLike) -> Architecture:
 
 
 # --- initialisers (official code) ---------------------------------------------------------------
+
 
 def conv_kernel_init(key, shape, dtype=jnp.float32):
   """normal(0, sqrt(2 / fan_out)) with fan_out = kh * kw * out_channels (1 per depthwise group)."""
@@ -107,17 +157,24 @@ def dense_kernel_init(key, shape, dtype=jnp.float32):
 
 # --- the ops' native forms, and the CPU forms by name (platform.py chooses) ---------------------
 
+
 def depthwise_native(x, kernel, stride: int):
   """The grouped convolution: XLA's native depthwise op, fast on TPU/GPU, what TFLite exports."""
   return lax.conv_general_dilated(
-      x, kernel, (stride, stride), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-      feature_group_count=x.shape[-1])
+    x,
+    kernel,
+    (stride, stride),
+    'SAME',
+    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+    feature_group_count=x.shape[-1],
+  )
 
 
 def conv_native(x, kernel, stride: int):
   """XLA's conv op: what TPU/GPU compilers and TFLite know best."""
-  return lax.conv_general_dilated(x, kernel, (stride, stride), 'SAME',
-                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  return lax.conv_general_dilated(
+    x, kernel, (stride, stride), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+  )
 
 
 class FoldedBatchNorm(nn.Module):
@@ -131,7 +188,8 @@ class FoldedBatchNorm(nn.Module):
     if not use_running_average:
       raise ValueError('a folded BatchNorm has no batch statistics: it runs in inference only')
     return x + self.param('bias', nn.initializers.zeros, (x.shape[-1],), jnp.float32).astype(
-        self.dtype)
+      self.dtype
+    )
 
 
 DEPTHWISE = {'native': depthwise_native, **cpu.DEPTHWISE}
@@ -149,8 +207,12 @@ class DepthwiseConv(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    kernel = self.param('kernel', depthwise_kernel_init,
-                        (self.kernel_size, self.kernel_size, 1, x.shape[-1]), jnp.float32)
+    kernel = self.param(
+      'kernel',
+      depthwise_kernel_init,
+      (self.kernel_size, self.kernel_size, 1, x.shape[-1]),
+      jnp.float32,
+    )
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
     return DEPTHWISE[self.form](x, kernel, self.stride)
 
@@ -168,13 +230,17 @@ class Conv(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    kernel = self.param('kernel', conv_kernel_init,
-                        (self.kernel_size, self.kernel_size, x.shape[-1], self.features),
-                        jnp.float32)
+    kernel = self.param(
+      'kernel',
+      conv_kernel_init,
+      (self.kernel_size, self.kernel_size, x.shape[-1], self.features),
+      jnp.float32,
+    )
     y = CONV[self.form](x.astype(self.dtype), kernel.astype(self.dtype), self.stride)
     if self.use_bias:
       y = y + self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32).astype(
-          self.dtype)
+        self.dtype
+      )
     return y
 
 
@@ -182,6 +248,7 @@ class Conv(nn.Module):
 #
 # Each part takes `norm`, a constructor of the BN that follows each conv (MnasNet.norm), and is a
 # unit of the latency table on its own (latency/export.py).
+
 
 def pool_to_stride(x, stride: int):
   """The pooling skip's downsampling: the mean of each stride x stride window (padding not counted)."""
@@ -217,7 +284,8 @@ class Stem(nn.Module):
   @nn.compact
   def __call__(self, images, train: bool):
     x = Conv(self.filters, 3, self.conv, stride=2, dtype=self.dtype, name='stem')(
-        images.astype(self.dtype))
+      images.astype(self.dtype)
+    )
     return nn.relu(self.norm(name='stem_bn')(x, use_running_average=not train))
 
 
@@ -279,8 +347,9 @@ class Head(nn.Module):
     x = nn.relu(self.norm(name='head_bn')(x, use_running_average=not train))
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    return nn.Dense(self.num_classes, kernel_init=dense_kernel_init, dtype=self.dtype,
-                    name='classifier')(x)
+    return nn.Dense(
+      self.num_classes, kernel_init=dense_kernel_init, dtype=self.dtype, name='classifier'
+    )(x)
 
 
 class MnasNet(nn.Module):
@@ -316,9 +385,14 @@ class MnasNet(nn.Module):
     """The constructor of the BN after each conv, given its name."""
     if self.batch_norm == 'folded':
       return functools.partial(FoldedBatchNorm, dtype=self.dtype)
-    return functools.partial(BATCH_NORM[self.batch_norm], momentum=self.bn_momentum,
-                             epsilon=self.bn_epsilon, dtype=self.dtype, axis_name=self.bn_axis_name,
-                             group_size=self.bn_group_size)
+    return functools.partial(
+      BATCH_NORM[self.batch_norm],
+      momentum=self.bn_momentum,
+      epsilon=self.bn_epsilon,
+      dtype=self.dtype,
+      axis_name=self.bn_axis_name,
+      group_size=self.bn_group_size,
+    )
 
   # The parts with this network's forms; each is a module of its own (a latency table's unit).
 
@@ -333,8 +407,9 @@ class MnasNet(nn.Module):
 
   @nn.nowrap
   def head(self) -> Head:
-    return Head(self.num_classes, self.head_filters, self.dropout_rate, self.norm(), self.conv,
-                self.dtype)
+    return Head(
+      self.num_classes, self.head_filters, self.dropout_rate, self.norm(), self.conv, self.dtype
+    )
 
   @nn.compact
   def __call__(self, images, train: bool = False):
@@ -351,25 +426,41 @@ class MnasNet(nn.Module):
     return head(x, train).astype(jnp.float32)
 
 
-def create(arch: ArchLike, *, num_classes: int = 1000, depth_multiplier: float = 1.0,
-           dropout_rate: float | None = None, depthwise: str = 'auto', conv: str = 'auto',
-           batch_norm: str = 'auto', dtype: str = 'auto', **kwargs) -> MnasNet:
+def create(
+  arch: ArchLike,
+  *,
+  num_classes: int = 1000,
+  depth_multiplier: float = 1.0,
+  dropout_rate: float | None = None,
+  depthwise: str = 'auto',
+  conv: str = 'auto',
+  batch_norm: str = 'auto',
+  dtype: str = 'auto',
+  **kwargs,
+) -> MnasNet:
   """The model of a named architecture or block strings; device choices come from `platform`."""
   spec = architecture(arch)
   dtype = platform.compute_dtype(dtype)
   return MnasNet(
-      blocks=spec.blocks, num_classes=num_classes, stem_filters=spec.stem_filters,
-      depth_multiplier=depth_multiplier,
-      dropout_rate=spec.dropout_rate if dropout_rate is None else dropout_rate,
-      depthwise=platform.depthwise_form(depthwise, dtype=dtype), conv=platform.conv_form(conv),
-      batch_norm=platform.batch_norm_form(batch_norm), dtype=dtype, **kwargs)
+    blocks=spec.blocks,
+    num_classes=num_classes,
+    stem_filters=spec.stem_filters,
+    depth_multiplier=depth_multiplier,
+    dropout_rate=spec.dropout_rate if dropout_rate is None else dropout_rate,
+    depthwise=platform.depthwise_form(depthwise, dtype=dtype),
+    conv=platform.conv_form(conv),
+    batch_norm=platform.batch_norm_form(batch_norm),
+    dtype=dtype,
+    **kwargs,
+  )
 
 
 # --- analytic size ------------------------------------------------------------------------------
 
+
 def layer_cost(layer: blocks_lib.Layer) -> tuple[int, int]:
   """(params, multiply-adds) of one layer; BN counts its scale and offset."""
-  out_pixels = layer.out_resolution ** 2
+  out_pixels = layer.out_resolution**2
   params = macs = 0
 
   def conv(cin, cout, k, pixels, groups=1):
@@ -389,7 +480,7 @@ def layer_cost(layer: blocks_lib.Layer) -> tuple[int, int]:
   else:
     hidden = layer.hidden_filters
     if layer.expand != 1:
-      conv(layer.in_filters, hidden, 1, layer.resolution ** 2)
+      conv(layer.in_filters, hidden, 1, layer.resolution**2)
     conv(hidden, hidden, layer.kernel, out_pixels, groups=hidden)
     if layer.se_filters:
       se(hidden)
@@ -399,16 +490,22 @@ def layer_cost(layer: blocks_lib.Layer) -> tuple[int, int]:
   return params, macs
 
 
-def summary(arch: ArchLike, depth_multiplier: float = 1.0, resolution: int = 224,
-            num_classes: int = 1000) -> dict:
+def summary(
+  arch: ArchLike, depth_multiplier: float = 1.0, resolution: int = 224, num_classes: int = 1000
+) -> dict:
   """Trainable parameters and multiply-adds (convolutions and classifier), counted analytically."""
-  model = create(arch, num_classes=num_classes, depth_multiplier=depth_multiplier,
-                 depthwise='native', dtype='float32')
+  model = create(
+    arch,
+    num_classes=num_classes,
+    depth_multiplier=depth_multiplier,
+    depthwise='native',
+    dtype='float32',
+  )
   stem = blocks_lib.round_filters(model.stem_filters, depth_multiplier)
   stem_res = blocks_lib.same_output_size(resolution, 2)
   specs = model.layer_specs(resolution)
   params = 27 * stem + 2 * stem
-  macs = stem_res ** 2 * 27 * stem
+  macs = stem_res**2 * 27 * stem
   for layer in specs:
     p, m = layer_cost(layer)
     params += p
@@ -416,12 +513,19 @@ def summary(arch: ArchLike, depth_multiplier: float = 1.0, resolution: int = 224
   last_width = specs[-1].out_filters if specs else stem
   last_res = specs[-1].out_resolution if specs else stem_res
   params += last_width * model.head_filters + 2 * model.head_filters
-  macs += last_res ** 2 * last_width * model.head_filters
+  macs += last_res**2 * last_width * model.head_filters
   params += model.head_filters * num_classes + num_classes
   macs += model.head_filters * num_classes
-  return {'params': int(params), 'macs': int(macs), 'layers': len(specs),
-          'blocks': list(model.blocks), 'stem_filters': stem, 'resolution': resolution,
-          'depth_multiplier': depth_multiplier, 'num_classes': num_classes}
+  return {
+    'params': int(params),
+    'macs': int(macs),
+    'layers': len(specs),
+    'blocks': list(model.blocks),
+    'stem_filters': stem,
+    'resolution': resolution,
+    'depth_multiplier': depth_multiplier,
+    'num_classes': num_classes,
+  }
 
 
 def count_params(params) -> int:

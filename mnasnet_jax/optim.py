@@ -22,8 +22,12 @@ class RMSPropTFState(NamedTuple):
   momentum: optax.Updates
 
 
-def rmsprop_tf(learning_rate: optax.ScalarOrSchedule, decay: float = 0.9, momentum: float = 0.9,
-               eps: float = 1e-3) -> optax.GradientTransformation:
+def rmsprop_tf(
+  learning_rate: optax.ScalarOrSchedule,
+  decay: float = 0.9,
+  momentum: float = 0.9,
+  eps: float = 1e-3,
+) -> optax.GradientTransformation:
   """tf.compat.v1.train.RMSPropOptimizer:
       ms  <- decay * ms + (1 - decay) * g**2            (ms starts at 1)
       mom <- momentum * mom + lr * g / sqrt(ms + eps)
@@ -31,25 +35,38 @@ def rmsprop_tf(learning_rate: optax.ScalarOrSchedule, decay: float = 0.9, moment
   The learning rate may be a schedule of the step count (0 at the first update)."""
 
   def init(params):
-    return RMSPropTFState(jnp.zeros([], jnp.int32), jax.tree.map(jnp.ones_like, params),
-                          jax.tree.map(jnp.zeros_like, params))
+    return RMSPropTFState(
+      jnp.zeros([], jnp.int32),
+      jax.tree.map(jnp.ones_like, params),
+      jax.tree.map(jnp.zeros_like, params),
+    )
 
   def update(grads, state, params=None):
     del params
     lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
-    mean_square = jax.tree.map(lambda ms, g: decay * ms + (1 - decay) * jnp.square(g),
-                               state.mean_square, grads)
-    mom = jax.tree.map(lambda m, g, ms: momentum * m + lr * g * jax.lax.rsqrt(ms + eps),
-                       state.momentum, grads, mean_square)
+    mean_square = jax.tree.map(
+      lambda ms, g: decay * ms + (1 - decay) * jnp.square(g), state.mean_square, grads
+    )
+    mom = jax.tree.map(
+      lambda m, g, ms: momentum * m + lr * g * jax.lax.rsqrt(ms + eps),
+      state.momentum,
+      grads,
+      mean_square,
+    )
     updates = jax.tree.map(jnp.negative, mom)
     return updates, RMSPropTFState(optax.safe_int32_increment(state.count), mean_square, mom)
 
   return optax.GradientTransformation(init, update)
 
 
-def learning_rate_schedule(base_lr: float, batch_size: int, steps_per_epoch: float,
-                           warmup_epochs: float = 5, decay_rate: float = 0.97,
-                           decay_epochs: float = 2.4) -> optax.Schedule:
+def learning_rate_schedule(
+  base_lr: float,
+  batch_size: int,
+  steps_per_epoch: float,
+  warmup_epochs: float = 5,
+  decay_rate: float = 0.97,
+  decay_epochs: float = 2.4,
+) -> optax.Schedule:
   """Official schedule (mnasnet_utils.build_learning_rate): base_lr per 256 images scaled to the
   batch, linear warmup from 0, and a staircase exponential decay counted from step 0 (so the
   warmup's epochs count toward it). `steps_per_epoch` is the official float (1,281,167 / 4096 =
@@ -59,8 +76,10 @@ def learning_rate_schedule(base_lr: float, batch_size: int, steps_per_epoch: flo
   warmup_steps = int(warmup_epochs * steps_per_epoch)
   decay_steps = decay_epochs * steps_per_epoch
   if decay_steps <= 0:
-    raise errors.UserError(f'lr_decay_epochs = {decay_epochs} at {steps_per_epoch} steps per '
-                           'epoch: expected a positive decay period')
+    raise errors.UserError(
+      f'lr_decay_epochs = {decay_epochs} at {steps_per_epoch} steps per '
+      'epoch: expected a positive decay period'
+    )
 
   def schedule(step):
     step = jnp.asarray(step, jnp.float32)

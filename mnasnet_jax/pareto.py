@@ -29,8 +29,10 @@ def pareto_front(accuracy: Sequence[float], latency_ms: Sequence[float]) -> np.n
   accuracy = np.asarray(accuracy, np.float64)
   latency_ms = np.asarray(latency_ms, np.float64)
   if accuracy.shape != latency_ms.shape or accuracy.ndim != 1:
-    raise ValueError(f'accuracy {accuracy.shape} and latency {latency_ms.shape} must be two 1-D '
-                     'arrays of the same length')
+    raise ValueError(
+      f'accuracy {accuracy.shape} and latency {latency_ms.shape} must be two 1-D '
+      'arrays of the same length'
+    )
   order = np.lexsort((-accuracy, latency_ms))  # by latency, then best accuracy first
   front, best = [], -np.inf
   for i in order:
@@ -70,8 +72,17 @@ def plot_pareto(records: Sequence[dict], target_ms: float, path: str, title: str
     lat = np.array([r['latency_ms'] for r in ok])
     acc = np.array([r['accuracy'] for r in ok]) * 100
     steps = np.array([r['step'] for r in ok])
-    points = ax.scatter(lat, acc, c=steps, cmap='viridis', s=22, alpha=0.8, edgecolors='none',
-                        label='sampled child', zorder=2)
+    points = ax.scatter(
+      lat,
+      acc,
+      c=steps,
+      cmap='viridis',
+      s=22,
+      alpha=0.8,
+      edgecolors='none',
+      label='sampled child',
+      zorder=2,
+    )
     if steps.max() > steps.min():
       bar = fig.colorbar(points, ax=ax, label='controller step')
       bar.locator = matplotlib.ticker.MaxNLocator(integer=True)
@@ -80,19 +91,39 @@ def plot_pareto(records: Sequence[dict], target_ms: float, path: str, title: str
     flat = [r['latency_ms'] for r in front]
     facc = [r['accuracy'] * 100 for r in front]
     ax.step(flat, facc, where='post', color='tab:red', lw=1.5, zorder=3)
-    ax.scatter(flat, facc, facecolors='none', edgecolors='tab:red', s=60, lw=1.5, zorder=4,
-               label=f'Pareto front ({len(front)})')
+    ax.scatter(
+      flat,
+      facc,
+      facecolors='none',
+      edgecolors='tab:red',
+      s=60,
+      lw=1.5,
+      zorder=4,
+      label=f'Pareto front ({len(front)})',
+    )
     best = best_records(ok, 1)[0]
-    ax.scatter([best['latency_ms']], [best['accuracy'] * 100], marker='*', s=240, color='gold',
-               edgecolors='black', lw=0.8, zorder=5,
-               label=f'best reward: trial {best["trial"]}')
+    ax.scatter(
+      [best['latency_ms']],
+      [best['accuracy'] * 100],
+      marker='*',
+      s=240,
+      color='gold',
+      edgecolors='black',
+      lw=0.8,
+      zorder=5,
+      label=f'best reward: trial {best["trial"]}',
+    )
     lo, hi = min(lat.min(), target_ms), max(lat.max(), target_ms)
     ax.set_xlim(lo - 0.06 * (hi - lo), hi + 0.06 * (hi - lo))
-  ax.axvline(target_ms, color='tab:gray', ls='--', lw=1.2, zorder=1,
-             label=f'target T = {target_ms:.3g} ms')
+  ax.axvline(
+    target_ms, color='tab:gray', ls='--', lw=1.2, zorder=1, label=f'target T = {target_ms:.3g} ms'
+  )
   failed, oom = _unevaluated(records)
-  ax.set_title(f'{title}\n{len(ok)} children evaluated' + (f', {failed} failed' if failed else '')
-               + (f', {oom} did not fit' if oom else ''))
+  ax.set_title(
+    f'{title}\n{len(ok)} children evaluated'
+    + (f', {failed} failed' if failed else '')
+    + (f', {oom} did not fit' if oom else '')
+  )
   ax.set_xlabel('latency from the lookup table (ms)')
   ax.set_ylabel('held-out top-1 accuracy (%)')
   ax.grid(True, alpha=0.3)
@@ -102,13 +133,15 @@ def plot_pareto(records: Sequence[dict], target_ms: float, path: str, title: str
   plt.close(fig)
 
 
-def plot_latency_histogram(records: Sequence[dict], target_ms: float, path: str,
-                           title: str) -> None:
+def plot_latency_histogram(
+  records: Sequence[dict], target_ms: float, path: str, title: str
+) -> None:
   lat = np.array([r['latency_ms'] for r in records if r.get('latency_ms') is not None])
   fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=120)
   if lat.size:
-    ax.hist(lat, bins=min(40, max(8, lat.size // 4)), color='tab:blue', alpha=0.8,
-            edgecolor='white')
+    ax.hist(
+      lat, bins=min(40, max(8, lat.size // 4)), color='tab:blue', alpha=0.8, edgecolor='white'
+    )
   ax.axvline(target_ms, color='tab:red', ls='--', lw=1.5, label=f'target T = {target_ms:.3g} ms')
   below = int((lat <= target_ms).sum())
   ax.set_title(f'{title}\n{lat.size} children sampled, {below} at or under T')
@@ -122,33 +155,48 @@ def plot_latency_histogram(records: Sequence[dict], target_ms: float, path: str,
 
 
 def train_command(train_config: str, blocks: Sequence[str]) -> str:
-  return (f'python launch/main.py --config={train_config} --config.arch={",".join(blocks)} '
-          '--workdir=/tmp/mnasnet_train')
+  return (
+    f'python launch/main.py --config={train_config} --config.arch={",".join(blocks)} '
+    '--workdir=/tmp/mnasnet_train'
+  )
 
 
 def _row(rank, r, on_front):
-  return (f'| {rank} | {r["trial"]} | {r["step"]} | {r["reward"]:.4f} | {100 * r["accuracy"]:.2f} | '
-          f'{r["latency_ms"]:.3f} | {r["params"]:,} | {r["macs"] / 1e6:.2f} | '
-          f'{"yes" if on_front else ""} |')
+  return (
+    f'| {rank} | {r["trial"]} | {r["step"]} | {r["reward"]:.4f} | {100 * r["accuracy"]:.2f} | '
+    f'{r["latency_ms"]:.3f} | {r["params"]:,} | {r["macs"] / 1e6:.2f} | '
+    f'{"yes" if on_front else ""} |'
+  )
 
 
-def write_best(records: Sequence[dict], path: str, *, target_ms: float, top_k: int,
-               train_config: str, description: str) -> None:
+def write_best(
+  records: Sequence[dict],
+  path: str,
+  *,
+  target_ms: float,
+  top_k: int,
+  train_config: str,
+  description: str,
+) -> None:
   best = best_records(records, top_k)
   front_trials = {r['trial'] for r in front_records(records)}
   ok = _ok(records)
   failed, oom = _unevaluated(records)
   lines = [
-      '# Best architectures of the search', '',
-      description, '',
-      f'{len(records)} children recorded, {len(ok)} evaluated, {failed} failed'
-      + (f', {oom} did not fit the device' if oom else '') + '; '
-      f'target latency T = {target_ms:.4g} ms. Accuracy is top-1 on the held-out part after proxy '
-      'training; latency is the lookup table\'s prediction; multiply-adds and parameters are '
-      'counted analytically (`models.summary`).', '',
-      '| rank | trial | step | reward | accuracy (%) | latency (ms) | params | mult-adds (M) '
-      '| Pareto |',
-      '|---:|---:|---:|---:|---:|---:|---:|---:|:---:|',
+    '# Best architectures of the search',
+    '',
+    description,
+    '',
+    f'{len(records)} children recorded, {len(ok)} evaluated, {failed} failed'
+    + (f', {oom} did not fit the device' if oom else '')
+    + '; '
+    f'target latency T = {target_ms:.4g} ms. Accuracy is top-1 on the held-out part after proxy '
+    "training; latency is the lookup table's prediction; multiply-adds and parameters are "
+    'counted analytically (`models.summary`).',
+    '',
+    '| rank | trial | step | reward | accuracy (%) | latency (ms) | params | mult-adds (M) '
+    '| Pareto |',
+    '|---:|---:|---:|---:|---:|---:|---:|---:|:---:|',
   ]
   lines += [_row(i + 1, r, r['trial'] in front_trials) for i, r in enumerate(best)]
   for i, r in enumerate(best):
@@ -159,17 +207,33 @@ def write_best(records: Sequence[dict], path: str, *, target_ms: float, top_k: i
     f.write('\n'.join(lines) + '\n')
 
 
-def write_report(records: Sequence[dict], workdir: str, *, target_ms: float, top_k: int,
-                 train_config: str, description: str) -> dict:
+def write_report(
+  records: Sequence[dict],
+  workdir: str,
+  *,
+  target_ms: float,
+  top_k: int,
+  train_config: str,
+  description: str,
+) -> dict:
   """Writes pareto.json, pareto.png, latency_histogram.png and best.md; returns their paths."""
   front = front_records(records)
-  paths = {name: os.path.join(workdir, name) for name in
-           ('pareto.json', 'pareto.png', 'latency_histogram.png', 'best.md')}
+  paths = {
+    name: os.path.join(workdir, name)
+    for name in ('pareto.json', 'pareto.png', 'latency_histogram.png', 'best.md')
+  }
   summary = {
-      'target_ms': target_ms, 'children': len(records), 'evaluated': len(_ok(records)),
-      'front': [{k: r[k] for k in ('trial', 'step', 'accuracy', 'latency_ms', 'reward', 'params',
-                                   'macs', 'blocks')} for r in front],
-      'best': [r['trial'] for r in best_records(records, top_k)],
+    'target_ms': target_ms,
+    'children': len(records),
+    'evaluated': len(_ok(records)),
+    'front': [
+      {
+        k: r[k]
+        for k in ('trial', 'step', 'accuracy', 'latency_ms', 'reward', 'params', 'macs', 'blocks')
+      }
+      for r in front
+    ],
+    'best': [r['trial'] for r in best_records(records, top_k)],
   }
   tmp = paths['pareto.json'] + '.tmp'
   with open(tmp, 'w') as f:
@@ -177,6 +241,12 @@ def write_report(records: Sequence[dict], workdir: str, *, target_ms: float, top
   os.replace(tmp, paths['pareto.json'])
   plot_pareto(records, target_ms, paths['pareto.png'], description)
   plot_latency_histogram(records, target_ms, paths['latency_histogram.png'], description)
-  write_best(records, paths['best.md'], target_ms=target_ms, top_k=top_k, train_config=train_config,
-             description=description)
+  write_best(
+    records,
+    paths['best.md'],
+    target_ms=target_ms,
+    top_k=top_k,
+    train_config=train_config,
+    description=description,
+  )
   return paths

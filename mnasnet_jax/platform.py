@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh
+import numpy as np
 
 from mnasnet_jax import cpu
 from mnasnet_jax import errors
@@ -48,17 +48,21 @@ def _form(kind: str, setting: str, forms: tuple[str, ...], on_cpu, backend: str 
     return on_cpu() if backend == 'cpu' else forms[0]
   if setting in cpu.CPU_ONLY and backend != 'cpu':
     runnable = tuple(f for f in forms if f not in cpu.CPU_ONLY)
-    raise errors.UserError(f'{kind} form {setting!r} is an XLA:CPU custom call and this run is on '
-                           f'{backend}: expected "auto" or one of {runnable}')
+    raise errors.UserError(
+      f'{kind} form {setting!r} is an XLA:CPU custom call and this run is on '
+      f'{backend}: expected "auto" or one of {runnable}'
+    )
   return setting
 
 
 def depthwise_form(setting: str = 'auto', backend: str | None = None, dtype=jnp.float32) -> str:
   """'native' (grouped conv) on TPU/GPU; on CPU 'kernel' (compiled C++, float32) when it builds
   here, else 'shifted' (k*k multiply-adds in XLA); unless set."""
+
   def on_cpu():
     ready = jnp.dtype(dtype) == jnp.float32 and cpu.depthwise_kernel.available()  # builds on use
     return 'kernel' if ready else 'shifted'
+
   return _form('depthwise', setting, DEPTHWISE_FORMS, on_cpu, backend)
 
 
@@ -79,7 +83,8 @@ def compute_dtype(setting: str = 'auto', backend: str | None = None) -> jnp.dtyp
     return jnp.bfloat16 if (backend or jax.default_backend()) == 'tpu' else jnp.float32
   if setting not in ('float32', 'bfloat16'):
     raise errors.UserError(
-        f'compute dtype must be "auto", "float32" or "bfloat16", got {setting!r}')
+      f'compute dtype must be "auto", "float32" or "bfloat16", got {setting!r}'
+    )
   return jnp.dtype(setting)
 
 

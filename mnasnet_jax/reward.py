@@ -19,8 +19,12 @@ from mnasnet_jax import errors
 
 KINDS = ('soft', 'hard', 'capped', 'absolute')
 # (alpha, beta) each kind uses when the config leaves them None.
-PRESETS = {'soft': (-0.07, -0.07), 'hard': (0.0, -1.0), 'capped': (None, -0.07),
-           'absolute': (None, -0.1)}
+PRESETS = {
+  'soft': (-0.07, -0.07),
+  'hard': (0.0, -1.0),
+  'capped': (None, -0.07),
+  'absolute': (None, -0.1),
+}
 
 
 def _check_positive(name, value):
@@ -43,7 +47,7 @@ def mnas_reward(accuracy, latency_ms, target_ms, alpha, beta):
 def capped_reward(accuracy, latency_ms, target_ms, beta):
   """ACC * min((LAT / T)^beta, 1): the soft penalty above the target, nothing for beating it."""
   ratio = _ratio(latency_ms, target_ms)
-  return jnp.asarray(accuracy, jnp.float32) * jnp.minimum(ratio ** beta, 1.0)
+  return jnp.asarray(accuracy, jnp.float32) * jnp.minimum(ratio**beta, 1.0)
 
 
 def absolute_reward(accuracy, latency_ms, target_ms, beta):
@@ -65,8 +69,10 @@ def exponents(config) -> tuple:
 def compute(config, accuracy, latency_ms, target_ms):
   """The reward `config.kind` with the config's alpha and beta, for scalars or batches."""
   if target_ms is None:
-    raise ValueError('target_ms is None: resolve config.reward.target_ms (None means the latency '
-                     'of mobilenet_v2 in the latency table) before computing rewards')
+    raise ValueError(
+      'target_ms is None: resolve config.reward.target_ms (None means the latency '
+      'of mobilenet_v2 in the latency table) before computing rewards'
+    )
   alpha, beta = exponents(config)
   if config.kind in ('soft', 'hard'):
     return mnas_reward(accuracy, latency_ms, target_ms, alpha, beta)

@@ -61,9 +61,11 @@ def target_latency(reward_config, table) -> float:
   """T in ms: the configured value, or (None) the table's latency of mobilenet_v2."""
   if reward_config.target_ms is not None:
     if reward_config.target_ms <= 0:
-      raise errors.UserError(f'config.reward.target_ms = {reward_config.target_ms}: expected a '
-                             "positive latency in milliseconds, or None for the table's "
-                             'mobilenet_v2')
+      raise errors.UserError(
+        f'config.reward.target_ms = {reward_config.target_ms}: expected a '
+        "positive latency in milliseconds, or None for the table's "
+        'mobilenet_v2'
+      )
     return float(reward_config.target_ms)
   return float(table.predict('mobilenet_v2'))
 
@@ -73,9 +75,11 @@ def load_table(name_or_path: str) -> latency.LatencyTable:
   try:
     return latency.LatencyTable.load(name_or_path)
   except FileNotFoundError:
-    raise errors.UserError(f'config.latency.table = {name_or_path!r}: no such file; expected a '
-                           'shipped table name (mnasnet_jax/latency/tables/) or the path of a '
-                           'table written by the profile_latency job') from None
+    raise errors.UserError(
+      f'config.latency.table = {name_or_path!r}: no such file; expected a '
+      'shipped table name (mnasnet_jax/latency/tables/) or the path of a '
+      'table written by the profile_latency job'
+    ) from None
 
 
 def enable_compilation_cache(search_config, workdir: str) -> None:
@@ -87,10 +91,14 @@ def enable_compilation_cache(search_config, workdir: str) -> None:
   if not search_config.compilation_cache:
     return
   from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
-  jax.config.update('jax_compilation_cache_dir',
-                    search_config.compilation_cache_dir or os.path.join(workdir, 'jax_cache'))
-  jax.config.update('jax_persistent_cache_min_compile_time_secs',
-                    search_config.cache_min_compile_seconds)
+
+  jax.config.update(
+    'jax_compilation_cache_dir',
+    search_config.compilation_cache_dir or os.path.join(workdir, 'jax_cache'),
+  )
+  jax.config.update(
+    'jax_persistent_cache_min_compile_time_secs', search_config.cache_min_compile_seconds
+  )
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
   compilation_cache.reset_cache()
 
@@ -123,24 +131,29 @@ class Search:
     self.target_ms = target_latency(config.reward, self.table)
     reward_lib.exponents(config.reward)  # refuses an unknown kind before any child trains
     self.strategy = controller.create(config.controller, self.space.choices)
-    self.data = data = input_pipeline.create_proxy_data(config.data, process_index=0,
-                                                         process_count=1)
+    self.data = data = input_pipeline.create_proxy_data(
+      config.data, process_index=0, process_count=1
+    )
     if (self.table.resolution, self.table.num_classes) != (data.image_size, data.num_classes):
       raise errors.UserError(
-          f'latency table {self.table.path} was profiled at {self.table.resolution} px with '
-          f'{self.table.num_classes} classes, but the proxy data has {data.image_size} px and '
-          f'{data.num_classes} classes: set config.latency.table to a table of the same resolution')
+        f'latency table {self.table.path} was profiled at {self.table.resolution} px with '
+        f'{self.table.num_classes} classes, but the proxy data has {data.image_size} px and '
+        f'{data.num_classes} classes: set config.latency.table to a table of the same resolution'
+      )
     self.process_index = jax.process_index()
     self.process_count = jax.process_count()
     self.is_writer = self.process_index == 0
     os.makedirs(workdir, exist_ok=True)
     self.num_steps = math.ceil(self.search.num_children / self.search.children_per_step)
-    self.history = history_lib.History(os.path.join(workdir, 'history.jsonl'),
-                                       writable=self.is_writer)
+    self.history = history_lib.History(
+      os.path.join(workdir, 'history.jsonl'), writable=self.is_writer
+    )
     self.checkpoints = ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), 'checkpoints'),
-        options=ocp.CheckpointManagerOptions(max_to_keep=self.search.keep_checkpoints,
-                                             enable_async_checkpointing=False))
+      os.path.join(os.path.abspath(workdir), 'checkpoints'),
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=self.search.keep_checkpoints, enable_async_checkpointing=False
+      ),
+    )
     self.consecutive_failures = 0
     self.best_reward = -math.inf
 
@@ -154,22 +167,39 @@ class Search:
     blocks = self.space.decode(tokens)
     arch = self.architecture(blocks)
     size = models.summary(arch, resolution=self.data.image_size, num_classes=self.data.num_classes)
-    return {'trial': trial, 'step': step, 'tokens': [int(t) for t in tokens], 'blocks': blocks,
-            'latency_ms': float(self.table.predict(arch)), 'params': size['params'],
-            'macs': size['macs']}
+    return {
+      'trial': trial,
+      'step': step,
+      'tokens': [int(t) for t in tokens],
+      'blocks': blocks,
+      'latency_ms': float(self.table.predict(arch)),
+      'params': size['params'],
+      'macs': size['macs'],
+    }
 
   def train_child(self, child: dict) -> dict:
     """Proxy-trains one child; a failure is an outcome to record, not the end of the search."""
     start = time.time()
-    outcome = {'status': 'ok', 'reason': None, 'accuracy': None, 'compile_seconds': None,
-               'train_seconds': None}
+    outcome = {
+      'status': 'ok',
+      'reason': None,
+      'accuracy': None,
+      'compile_seconds': None,
+      'train_seconds': None,
+    }
     try:
-      result = train.proxy_train(self.config.proxy, self.architecture(child['blocks']), self.data,
-                                 seed=self.search.train_seed + child['trial'],
-                                 devices=jax.local_devices())
-      outcome.update(accuracy=_float32(result['accuracy']),
-                     compile_seconds=float(result['compile_seconds']),
-                     train_seconds=float(result['train_seconds']))
+      result = train.proxy_train(
+        self.config.proxy,
+        self.architecture(child['blocks']),
+        self.data,
+        seed=self.search.train_seed + child['trial'],
+        devices=jax.local_devices(),
+      )
+      outcome.update(
+        accuracy=_float32(result['accuracy']),
+        compile_seconds=float(result['compile_seconds']),
+        train_seconds=float(result['train_seconds']),
+      )
     except train.DoesNotFit as e:
       outcome.update(status='oom', reason=f'DoesNotFit: {e}')
     except train.TrainingDiverged as e:
@@ -185,8 +215,11 @@ class Search:
     device's memory, not the architecture's accuracy, and the controller must not learn it."""
     record = dict(child, **outcome, process=process)
     if record['status'] == 'ok':
-      record['reward'] = _float32(reward_lib.compute(self.config.reward, record['accuracy'],
-                                                     record['latency_ms'], self.target_ms))
+      record['reward'] = _float32(
+        reward_lib.compute(
+          self.config.reward, record['accuracy'], record['latency_ms'], self.target_ms
+        )
+      )
     elif record['status'] == 'failed':
       record['reward'] = _float32(self.search.failure_reward)
     else:
@@ -198,8 +231,9 @@ class Search:
   def step_size(self, step: int) -> int:
     """Children of controller step `step`: `children_per_step`, the last step the remainder, so
     the search samples exactly `num_children`."""
-    return min(self.search.children_per_step,
-               self.search.num_children - step * self.search.children_per_step)
+    return min(
+      self.search.children_per_step, self.search.num_children - step * self.search.children_per_step
+    )
 
   def recorded(self, step: int, children: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     """(already recorded?, their rewards; NaN: none) for the step's children, as process 0's
@@ -216,15 +250,17 @@ class Search:
         mismatch[c] = 1
       known[c], rewards[c] = 1, np.nan if record['reward'] is None else record['reward']
     if self.process_count > 1:
-      known, rewards, mismatch = (np.array(x) for x in multihost_utils.broadcast_one_to_all(
-          (known, rewards, mismatch)))
+      known, rewards, mismatch = (
+        np.array(x) for x in multihost_utils.broadcast_one_to_all((known, rewards, mismatch))
+      )
     if np.any(mismatch):
       c = int(np.argmax(mismatch))
       raise history_lib.HistoryError(
-          f'{self.history.path}: trial {children[c]["trial"]} of step {step} was recorded with other '
-          f'tokens than the strategy, resumed from its checkpoint, samples now '
-          f'({children[c]["tokens"]}): this workdir holds another search (other config or seed); '
-          'use a new --workdir')
+        f'{self.history.path}: trial {children[c]["trial"]} of step {step} was recorded with other '
+        f'tokens than the strategy, resumed from its checkpoint, samples now '
+        f'({children[c]["tokens"]}): this workdir holds another search (other config or seed); '
+        'use a new --workdir'
+      )
     return known.astype(bool), np.asarray(rewards, np.float32)
 
   def evaluate_step(self, step: int, tokens: np.ndarray) -> np.ndarray:
@@ -235,9 +271,13 @@ class Search:
     known, rewards = self.recorded(step, children)
     todo = [c for c in range(len(children)) if not known[c]]
     if len(todo) < len(children):
-      logging.info('step %d: %d children already in the history, %d to evaluate', step,
-                   len(children) - len(todo), len(todo))
-    mine = todo[self.process_index::self.process_count]
+      logging.info(
+        'step %d: %d children already in the history, %d to evaluate',
+        step,
+        len(children) - len(todo),
+        len(todo),
+      )
+    mine = todo[self.process_index :: self.process_count]
     n = len(children)
     accuracy = np.full(n, np.nan, np.float32)
     status = np.full(n, -1, np.int32)
@@ -251,10 +291,9 @@ class Search:
       rewards[c] = np.nan if record['reward'] is None else record['reward']
       accuracy[c] = np.nan if outcome['accuracy'] is None else outcome['accuracy']
       status[c] = STATUS_CODES[outcome['status']]
-      seconds[c] = [outcome[k] or 0.0 for k in ('eval_seconds', 'compile_seconds',
-                                                 'train_seconds')]
+      seconds[c] = [outcome[k] or 0.0 for k in ('eval_seconds', 'compile_seconds', 'train_seconds')]
       reason = (outcome['reason'] or '').encode('utf-8')[:REASON_BYTES]
-      reasons[c, :len(reason)] = np.frombuffer(reason, np.uint8)
+      reasons[c, : len(reason)] = np.frombuffer(reason, np.uint8)
     if self.process_count > 1:
       self.gather(children, todo, rewards, accuracy, status, seconds, reasons)
     self.check_failures(children, todo, status, reasons)
@@ -264,7 +303,8 @@ class Search:
     """Every process learns every outcome (rewards, status and reasons are filled in for all of
     `todo`); process 0 records the children others trained."""
     g_rewards, g_accuracy, g_status, g_seconds, g_reasons = multihost_utils.process_allgather(
-        (rewards, accuracy, status, seconds, reasons))
+      (rewards, accuracy, status, seconds, reasons)
+    )
     names = {v: k for k, v in STATUS_CODES.items()}
     for i, c in enumerate(todo):
       owner = i % self.process_count
@@ -274,14 +314,18 @@ class Search:
         continue
       reason = _decode(g_reasons[owner, c])
       acc = float(g_accuracy[owner, c])
-      outcome = {'status': names[int(g_status[owner, c])], 'reason': reason,
-                 'accuracy': None if math.isnan(acc) else acc,
-                 'eval_seconds': float(g_seconds[owner, c, 0]),
-                 'compile_seconds': float(g_seconds[owner, c, 1]) or None,
-                 'train_seconds': float(g_seconds[owner, c, 2]) or None}
+      outcome = {
+        'status': names[int(g_status[owner, c])],
+        'reason': reason,
+        'accuracy': None if math.isnan(acc) else acc,
+        'eval_seconds': float(g_seconds[owner, c, 0]),
+        'compile_seconds': float(g_seconds[owner, c, 1]) or None,
+        'train_seconds': float(g_seconds[owner, c, 2]) or None,
+      }
       reward = float(g_rewards[owner, c])
-      record = dict(children[c], **outcome, reward=None if math.isnan(reward) else reward,
-                    process=owner)
+      record = dict(
+        children[c], **outcome, reward=None if math.isnan(reward) else reward, process=owner
+      )
       self.history.append(record)
       if self.is_writer:
         self.log_child(record)
@@ -300,19 +344,30 @@ class Search:
         self.consecutive_failures += 1
         if limit and self.consecutive_failures >= limit:
           raise TooManyFailures(
-              f'{self.consecutive_failures} children failed in a row (last: trial '
-              f'{children[c]["trial"]}, {_decode(reasons[c])}); this looks like a broken setup '
-              'rather than bad architectures. Every recorded child is kept: fix the cause and run '
-              'the same command again to resume.')
+            f'{self.consecutive_failures} children failed in a row (last: trial '
+            f'{children[c]["trial"]}, {_decode(reasons[c])}); this looks like a broken setup '
+            'rather than bad architectures. Every recorded child is kept: fix the cause and run '
+            'the same command again to resume.'
+          )
 
   def log_child(self, r: dict) -> None:
     if r['status'] == 'ok':
-      logging.info('trial %d (step %d): accuracy %.4f, latency %.3f ms, reward %.4f, %.1f s',
-                   r['trial'], r['step'], r['accuracy'], r['latency_ms'], r['reward'],
-                   r['eval_seconds'])
+      logging.info(
+        'trial %d (step %d): accuracy %.4f, latency %.3f ms, reward %.4f, %.1f s',
+        r['trial'],
+        r['step'],
+        r['accuracy'],
+        r['latency_ms'],
+        r['reward'],
+        r['eval_seconds'],
+      )
     elif r['status'] == 'oom':
-      logging.warning('trial %d (step %d) does not fit the device, left out of the controller\'s '
-                      'update: %s', r['trial'], r['step'], r['reason'])
+      logging.warning(
+        "trial %d (step %d) does not fit the device, left out of the controller's update: %s",
+        r['trial'],
+        r['step'],
+        r['reason'],
+      )
     else:
       logging.warning('trial %d (step %d) failed: %s', r['trial'], r['step'], r['reason'])
 
@@ -337,12 +392,19 @@ class Search:
         if error is None and np.any(unread):
           error = f'process {int(np.argmax(unread))} cannot read it'
       if error is None:
-        logging.info('resumed from the checkpoint after controller step %d (%d children recorded)',
-                     step, len(self.history))
+        logging.info(
+          'resumed from the checkpoint after controller step %d (%d children recorded)',
+          step,
+          len(self.history),
+        )
         return jax.device_get(state), step
-      logging.warning('checkpoint %d in %s cannot be read (%s); removed it, resuming from %s',
-                      step, self.checkpoints.directory, error,
-                      f'checkpoint {steps[i + 1]}' if i + 1 < len(steps) else 'the start')
+      logging.warning(
+        'checkpoint %d in %s cannot be read (%s); removed it, resuming from %s',
+        step,
+        self.checkpoints.directory,
+        error,
+        f'checkpoint {steps[i + 1]}' if i + 1 < len(steps) else 'the start',
+      )
       self.checkpoints.delete(step)
     return fresh, 0
 
@@ -350,23 +412,38 @@ class Search:
     if not self.is_writer:
       return
     c = self.config
-    description = (f'MnasNet search: {c.data.dataset} {self.data.image_size} px, '
-                   f'{os.path.basename(self.table.path)}, {c.reward.kind} reward, '
-                   f'{c.controller.strategy}')
-    pareto.write_report(self.history.records, self.workdir, target_ms=self.target_ms,
-                        top_k=self.search.report_top_k, train_config=self.search.train_config,
-                        description=description)
+    description = (
+      f'MnasNet search: {c.data.dataset} {self.data.image_size} px, '
+      f'{os.path.basename(self.table.path)}, {c.reward.kind} reward, '
+      f'{c.controller.strategy}'
+    )
+    pareto.write_report(
+      self.history.records,
+      self.workdir,
+      target_ms=self.target_ms,
+      top_k=self.search.report_top_k,
+      train_config=self.search.train_config,
+      description=description,
+    )
 
   def run(self):
     """Runs the remaining steps; returns the strategy's final state."""
     from clu import metric_writers  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
+
     writer = metric_writers.create_default_writer(self.workdir, just_logging=not self.is_writer)
     state, start = self.restore()
-    logging.info('search: %d steps of %d children (%d to go), T = %.3f ms from %s, %d processes',
-                 self.num_steps, self.search.children_per_step, self.num_steps - start,
-                 self.target_ms, self.table.path, self.process_count)
-    rewards_so_far = [r['reward'] for r in self.history.records
-                      if r['step'] < start and r['reward'] is not None]
+    logging.info(
+      'search: %d steps of %d children (%d to go), T = %.3f ms from %s, %d processes',
+      self.num_steps,
+      self.search.children_per_step,
+      self.num_steps - start,
+      self.target_ms,
+      self.table.path,
+      self.process_count,
+    )
+    rewards_so_far = [
+      r['reward'] for r in self.history.records if r['step'] < start and r['reward'] is not None
+    ]
     self.best_reward = max(rewards_so_far, default=-math.inf)
     began = time.time()
     for step in range(start, self.num_steps):
@@ -386,24 +463,36 @@ class Search:
       step_records = self.history.step_records(step)
       ok = [r for r in step_records if r['status'] == 'ok']
       if ok:
-        scalars.update(mean_accuracy=float(np.mean([r['accuracy'] for r in ok])),
-                       mean_latency_ms=float(np.mean([r['latency_ms'] for r in ok])))
+        scalars.update(
+          mean_accuracy=float(np.mean([r['accuracy'] for r in ok])),
+          mean_latency_ms=float(np.mean([r['latency_ms'] for r in ok])),
+        )
       for status in ('failed', 'oom'):
         scalars[f'{status}_children'] = float(sum(r['status'] == status for r in step_records))
       writer.write_scalars(step + 1, scalars)
       done = step + 1 - start
       eta = (time.time() - began) / done * (self.num_steps - step - 1)
-      logging.info('step %d/%d: mean reward %.4f over %d children told, best %.4f; ETA %.0f s',
-                   step + 1, self.num_steps, float(np.mean(rewards[told])) if np.any(told)
-                   else math.nan, int(np.sum(told)), self.best_reward, eta)
+      logging.info(
+        'step %d/%d: mean reward %.4f over %d children told, best %.4f; ETA %.0f s',
+        step + 1,
+        self.num_steps,
+        float(np.mean(rewards[told])) if np.any(told) else math.nan,
+        int(np.sum(told)),
+        self.best_reward,
+        eta,
+      )
       if self.search.report_every_steps and (step + 1) % self.search.report_every_steps == 0:
         self.report()
     writer.flush()
     self.checkpoints.wait_until_finished()
     self.report()
     if self.is_writer:
-      logging.info('search done: %d children in %s; report in %s/best.md', len(self.history),
-                   self.history.path, self.workdir)
+      logging.info(
+        'search done: %d children in %s; report in %s/best.md',
+        len(self.history),
+        self.history.path,
+        self.workdir,
+      )
     return state
 
 
@@ -413,10 +502,11 @@ def run(config, workdir: str):
     raise errors.UserError('the search needs --workdir=DIR (history, checkpoints and report)')
   if '://' in workdir:
     raise errors.UserError(
-        f'--workdir={workdir}: expected a directory, not a URL. The search appends each child to '
-        'history.jsonl and syncs it to disk at once, which an object store cannot do; on a pod '
-        'slice mount the bucket with gcsfuse (or use NFS) at the same path on every host and pass '
-        'that path.')
+      f'--workdir={workdir}: expected a directory, not a URL. The search appends each child to '
+      'history.jsonl and syncs it to disk at once, which an object store cannot do; on a pod '
+      'slice mount the bucket with gcsfuse (or use NFS) at the same path on every host and pass '
+      'that path.'
+    )
   search = Search(config, workdir)
   enable_compilation_cache(config.search, workdir)
   return search.run()

@@ -46,8 +46,14 @@ from mnasnet_jax import blocks
 from mnasnet_jax import errors
 
 DECISIONS = ('conv_op', 'kernel', 'se_ratio', 'skip', 'filters', 'layers')
-_CONFIG_FIELDS = {'conv_op': 'conv_ops', 'kernel': 'kernels', 'se_ratio': 'se_ratios',
-                  'skip': 'skip_ops', 'filters': 'filter_multipliers', 'layers': 'layer_deltas'}
+_CONFIG_FIELDS = {
+  'conv_op': 'conv_ops',
+  'kernel': 'kernels',
+  'se_ratio': 'se_ratios',
+  'skip': 'skip_ops',
+  'filters': 'filter_multipliers',
+  'layers': 'layer_deltas',
+}
 _MBCONV = re.compile(r'^mbconv(\d+)$')
 
 
@@ -60,8 +66,9 @@ def parse_conv_op(name: str) -> tuple[str, int]:
   match = _MBCONV.match(str(name))
   if match and int(match.group(1)) >= 1:
     return 'mbconv', int(match.group(1))
-  raise errors.UserError(f"unknown conv op {name!r}: expected 'conv', 'sepconv' or "
-                         "'mbconv<expansion>' such as 'mbconv6'")
+  raise errors.UserError(
+    f"unknown conv op {name!r}: expected 'conv', 'sepconv' or 'mbconv<expansion>' such as 'mbconv6'"
+  )
 
 
 class SearchSpace:
@@ -73,8 +80,9 @@ class SearchSpace:
     searched = tuple(int(b) for b in config.searched_blocks)
     for b in searched:
       if not 0 <= b < len(self.base):
-        raise errors.UserError(f'searched block {b} does not exist: the base network has blocks '
-                               f'0..{len(self.base) - 1}')
+        raise errors.UserError(
+          f'searched block {b} does not exist: the base network has blocks 0..{len(self.base) - 1}'
+        )
     if len(set(searched)) != len(searched):
       raise errors.UserError(f'searched_blocks lists a block twice: {searched}')
     self.searched = tuple(sorted(searched))
@@ -87,15 +95,17 @@ class SearchSpace:
     self.conv_ops = tuple(parse_conv_op(name) for name in self.options['conv_op'])
     for skip in self.options['skip']:
       if skip not in blocks.SKIP_OPS:
-        raise errors.UserError(f'unknown skip op {skip!r} in config.skip_ops: expected one of '
-                               f'{blocks.SKIP_OPS}')
+        raise errors.UserError(
+          f'unknown skip op {skip!r} in config.skip_ops: expected one of {blocks.SKIP_OPS}'
+        )
     for kernel in self.options['kernel']:
       if int(kernel) < 1 or int(kernel) % 2 == 0:
         raise errors.UserError(f'kernel {kernel!r} in config.kernels: expected an odd size >= 1')
     for ratio in self.options['se_ratio']:
       if not 0.0 <= float(ratio) <= 1.0:
-        raise errors.UserError(f'se ratio {ratio!r} in config.se_ratios: expected a value in '
-                               '[0, 1]')
+        raise errors.UserError(
+          f'se ratio {ratio!r} in config.se_ratios: expected a value in [0, 1]'
+        )
     for multiplier in self.options['filters']:
       if float(multiplier) <= 0:
         raise errors.UserError(f'filter multiplier {multiplier!r}: expected a positive number')
@@ -104,9 +114,10 @@ class SearchSpace:
       fewest = base.repeats + min(int(d) for d in deltas)
       if fewest < 0 or (fewest == 0 and base.stride != 1):
         raise errors.UserError(
-            f'block {b} ({blocks.encode(base)}) could have {fewest} layers: only stride-1 blocks may '
-            'be removed (reach 0 layers), and no block may have fewer; narrow config.layer_deltas '
-            'or fix the block')
+          f'block {b} ({blocks.encode(base)}) could have {fewest} layers: only stride-1 blocks may '
+          'be removed (reach 0 layers), and no block may have fewer; narrow config.layer_deltas '
+          'or fix the block'
+        )
     self._first_token = {b: k * len(DECISIONS) for k, b in enumerate(self.searched)}
     self.choices = tuple(len(self.options[d]) for _ in self.searched for d in DECISIONS)
     self.size = math.prod(self.choices)
@@ -114,16 +125,22 @@ class SearchSpace:
   # --- tokens <-> strings -----------------------------------------------------------------------
 
   def _position(self, p: int) -> str:
-    return f'position {p} (block {self.searched[p // len(DECISIONS)]}, {DECISIONS[p % len(DECISIONS)]})'
+    return (
+      f'position {p} (block {self.searched[p // len(DECISIONS)]}, {DECISIONS[p % len(DECISIONS)]})'
+    )
 
   def _check_tokens(self, tokens) -> list[int]:
     try:
       tokens = [t for t in tokens]
     except TypeError:
-      raise ValueError(f'expected a sequence of {len(self.choices)} tokens, got {tokens!r}') from None
+      raise ValueError(
+        f'expected a sequence of {len(self.choices)} tokens, got {tokens!r}'
+      ) from None
     if len(tokens) != len(self.choices):
-      raise ValueError(f'expected {len(self.choices)} tokens ({len(self.searched)} searched blocks x '
-                       f'{len(DECISIONS)} decisions), got {len(tokens)}')
+      raise ValueError(
+        f'expected {len(self.choices)} tokens ({len(self.searched)} searched blocks x '
+        f'{len(DECISIONS)} decisions), got {len(tokens)}'
+      )
     checked = []
     for p, (token, n) in enumerate(zip(tokens, self.choices)):
       try:
@@ -131,7 +148,9 @@ class SearchSpace:
       except (TypeError, ValueError):
         ok = False
       if not ok:
-        raise ValueError(f'token {token!r} at {self._position(p)}: expected an integer in 0..{n - 1}')
+        raise ValueError(
+          f'token {token!r} at {self._position(p)}: expected an integer in 0..{n - 1}'
+        )
       checked.append(int(token))
     return checked
 
@@ -140,10 +159,16 @@ class SearchSpace:
     base = self.base[b]
     op, expand = parse_conv_op(picks['conv_op'])
     return blocks.BlockArgs(
-        repeats=base.repeats + int(picks['layers']), kernel=int(picks['kernel']), stride=base.stride,
-        expand=expand, in_filters=in_filters,
-        out_filters=blocks.round_filters(base.out_filters, float(picks['filters'])),
-        se_ratio=float(picks['se_ratio']), skip=picks['skip'], op=op)
+      repeats=base.repeats + int(picks['layers']),
+      kernel=int(picks['kernel']),
+      stride=base.stride,
+      expand=expand,
+      in_filters=in_filters,
+      out_filters=blocks.round_filters(base.out_filters, float(picks['filters'])),
+      se_ratio=float(picks['se_ratio']),
+      skip=picks['skip'],
+      op=op,
+    )
 
   def decode(self, tokens: Sequence[int]) -> list[str]:
     """The block strings of the whole network that `tokens` select (fixed blocks included)."""
@@ -169,27 +194,38 @@ class SearchSpace:
     tokens = []
     for b in self.searched:
       block = given[b]
-      values = {'conv_op': (block.op, block.expand), 'kernel': block.kernel,
-                'se_ratio': block.se_ratio, 'skip': block.skip,
-                'filters': block.out_filters, 'layers': block.repeats - self.base[b].repeats}
+      values = {
+        'conv_op': (block.op, block.expand),
+        'kernel': block.kernel,
+        'se_ratio': block.se_ratio,
+        'skip': block.skip,
+        'filters': block.out_filters,
+        'layers': block.repeats - self.base[b].repeats,
+      }
       for decision in DECISIONS:
         if decision == 'conv_op':
           options = self.conv_ops
         elif decision == 'filters':
-          options = [blocks.round_filters(self.base[b].out_filters, float(m))
-                     for m in self.options['filters']]
+          options = [
+            blocks.round_filters(self.base[b].out_filters, float(m))
+            for m in self.options['filters']
+          ]
         else:
           options = self.options[decision]
         matches = [j for j, option in enumerate(options) if option == values[decision]]
         if not matches:
-          raise ValueError(f'block {b} ({blocks.encode(block)}): {decision} {values[decision]!r} is '
-                           f'not in the space, whose options are {list(options)}')
+          raise ValueError(
+            f'block {b} ({blocks.encode(block)}): {decision} {values[decision]!r} is '
+            f'not in the space, whose options are {list(options)}'
+          )
         tokens.append(matches[0])
     expected = self.decode(tokens)
     for b, (want, got) in enumerate(zip(expected, given)):
       if blocks.encode(got) != want:
-        raise ValueError(f'block {b} is {blocks.encode(got)!r}, but the space builds {want!r} there '
-                         '(fixed blocks must be the base block; `i` must be the incoming width)')
+        raise ValueError(
+          f'block {b} is {blocks.encode(got)!r}, but the space builds {want!r} there '
+          '(fixed blocks must be the base block; `i` must be the incoming width)'
+        )
     return tokens
 
   # --- what the space can produce (for latency tables) ------------------------------------------
@@ -211,7 +247,9 @@ class SearchSpace:
   def block_candidates(self, i: int) -> list[blocks.BlockArgs]:
     """Every block the i-th block can become, for every width that can reach it (`r0` included)."""
     if not 0 <= i < len(self.base):
-      raise ValueError(f'block {i} does not exist: the base network has blocks 0..{len(self.base) - 1}')
+      raise ValueError(
+        f'block {i} does not exist: the base network has blocks 0..{len(self.base) - 1}'
+      )
     widths = sorted(self._input_widths()[i])
     if i not in self.searched:
       return [self.base[i].replace(in_filters=w) for w in widths]

@@ -22,15 +22,15 @@ import os
 import time
 from typing import Any
 
+from absl import logging
 import flax
 import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-from absl import logging
 from jax import lax
+import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+import numpy as np
+import optax
 
 from mnasnet_jax import bn_groups
 from mnasnet_jax import errors
@@ -39,7 +39,8 @@ from mnasnet_jax import memory
 from mnasnet_jax import models
 from mnasnet_jax import platform
 from mnasnet_jax.memory import DoesNotFit  # noqa: F401  (the search records it as 'oom')
-from mnasnet_jax.optim import learning_rate_schedule, rmsprop_tf  # noqa: F401  (the recipe's API)
+from mnasnet_jax.optim import learning_rate_schedule  # noqa: F401  (the recipe's API)
+from mnasnet_jax.optim import rmsprop_tf  # noqa: F401  (the recipe's API)
 
 AXIS = platform.BATCH_AXIS
 # XLA:CPU compiles threefry's many rounds slowly (a child's init took 1.6x as long); 'rbg' keys
@@ -57,12 +58,13 @@ class TrainState:
   params: Any
   batch_stats: Any
   opt_state: Any
-  ema_params: Any       # None when the config's ema_decay is 0
+  ema_params: Any  # None when the config's ema_decay is 0
   ema_batch_stats: Any
   rng: jax.Array
 
 
 # --- the recipe -------------------------------------------------------------------------------------
+
 
 def num_steps(config, steps_per_epoch: float) -> int:
   """`config.num_steps` when set (> 0), else `config.num_epochs` epochs of the float
@@ -78,17 +80,30 @@ def create_model(config, arch, num_classes: int) -> models.MnasNet:
   (bn_groups.py), running averages at `config.bn_momentum` (a short proxy run re-estimates them
   after training instead: `recalibrate_batch_stats`), and the architecture's own dropout unless
   `config.dropout_rate` sets one."""
-  return models.create(arch, num_classes=num_classes, depth_multiplier=config.depth_multiplier,
-                       dropout_rate=config.dropout_rate, depthwise=config.depthwise,
-                       conv=config.conv, dtype=config.dtype, bn_axis_name=AXIS,
-                       bn_momentum=config.bn_momentum, bn_group_size=config.bn_group_size)
+  return models.create(
+    arch,
+    num_classes=num_classes,
+    depth_multiplier=config.depth_multiplier,
+    dropout_rate=config.dropout_rate,
+    depthwise=config.depthwise,
+    conv=config.conv,
+    dtype=config.dtype,
+    bn_axis_name=AXIS,
+    bn_momentum=config.bn_momentum,
+    bn_group_size=config.bn_group_size,
+  )
 
 
 def create_optimizer(config, steps_per_epoch: float):
   """(RMSProp-TF transformation, its learning-rate schedule) for `config.batch_size` images a step."""
-  schedule = learning_rate_schedule(config.base_learning_rate, config.batch_size, steps_per_epoch,
-                                    config.warmup_epochs, config.lr_decay_rate,
-                                    config.lr_decay_epochs)
+  schedule = learning_rate_schedule(
+    config.base_learning_rate,
+    config.batch_size,
+    steps_per_epoch,
+    config.warmup_epochs,
+    config.lr_decay_rate,
+    config.lr_decay_epochs,
+  )
   tx = rmsprop_tf(schedule, config.rmsprop_decay, config.momentum, config.rmsprop_epsilon)
   return tx, schedule
 
@@ -102,12 +117,16 @@ def create_state(model, tx, image_size: int, ema: bool, seed: int, mesh=None) ->
     init_key, rng = jax.random.split(jax.random.key(seed, impl=RNG_IMPL))
     variables = model.init(init_key, jnp.zeros((1, image_size, image_size, 3)))
     params, batch_stats = variables['params'], variables['batch_stats']
-    return TrainState(step=jnp.zeros([], jnp.int32), params=params, batch_stats=batch_stats,
-                      opt_state=tx.init(params),
-                      # Copies: the train step donates the state, and no buffer may be given twice.
-                      ema_params=jax.tree.map(jnp.copy, params) if ema else None,
-                      ema_batch_stats=jax.tree.map(jnp.copy, batch_stats) if ema else None,
-                      rng=jax.random.key_data(rng))
+    return TrainState(
+      step=jnp.zeros([], jnp.int32),
+      params=params,
+      batch_stats=batch_stats,
+      opt_state=tx.init(params),
+      # Copies: the train step donates the state, and no buffer may be given twice.
+      ema_params=jax.tree.map(jnp.copy, params) if ema else None,
+      ema_batch_stats=jax.tree.map(jnp.copy, batch_stats) if ema else None,
+      rng=jax.random.key_data(rng),
+    )
 
   return jax.jit(init, out_shardings=None if mesh is None else NamedSharding(mesh, P()))()
 
@@ -116,8 +135,11 @@ def weight_penalty(params, batch_stats):
   """sum(w**2) / 2 (TF's l2_loss) over every parameter but BatchNorm's scale and offset; a module
   is a BatchNorm exactly when it keeps batch statistics."""
   bn_modules = {path[:-1] for path in flax.traverse_util.flatten_dict(batch_stats)}
-  return sum(0.5 * jnp.sum(jnp.square(w)) for path, w in
-             flax.traverse_util.flatten_dict(params).items() if path[:-1] not in bn_modules)
+  return sum(
+    0.5 * jnp.sum(jnp.square(w))
+    for path, w in flax.traverse_util.flatten_dict(params).items()
+    if path[:-1] not in bn_modules
+  )
 
 
 def cross_entropy(logits, labels, smoothing: float):
@@ -132,6 +154,7 @@ def ema_decay_at(decay: float, step):
 
 
 # --- per-device steps -----------------------------------------------------------------------------
+
 
 def normalise(images, image_stats):
   """uint8 images as the model sees them, (x - mean) / std per channel in float32, computed on the
@@ -151,8 +174,9 @@ def accumulate(fn, images, labels, key, micro_batch: int | None):
   if micro_batch is None or micro_batch == batch:
     return fn(images, labels, key)
   if micro_batch < 1 or batch % micro_batch:
-    raise ValueError(f'micro-batch {micro_batch}: expected a divisor of the {batch} images on each '
-                     'device')
+    raise ValueError(
+      f'micro-batch {micro_batch}: expected a divisor of the {batch} images on each device'
+    )
   count = batch // micro_batch
   split = lambda x: x.reshape((count, micro_batch) + x.shape[1:])
 
@@ -166,8 +190,18 @@ def accumulate(fn, images, labels, key, micro_batch: int | None):
   return jax.tree.map(lambda x: x / count, total)
 
 
-def train_step(state: TrainState, images, labels, *, model, tx, schedule, config,
-               micro_batch: int | None = None, image_stats=None):
+def train_step(
+  state: TrainState,
+  images,
+  labels,
+  *,
+  model,
+  tx,
+  schedule,
+  config,
+  micro_batch: int | None = None,
+  image_stats=None,
+):
   """One step on this device's part of the batch; collectives make it the global batch's step.
 
   With `micro_batch` (memory.fit's choice) the device's images run that many at a time, all on the
@@ -180,9 +214,13 @@ def train_step(state: TrainState, images, labels, *, model, tx, schedule, config
 
   def gradients(images, labels, dropout_key):
     def loss_fn(params):
-      logits, updates = model.apply({'params': params, 'batch_stats': state.batch_stats},
-                                    normalise(images, image_stats), train=True,
-                                    mutable=['batch_stats'], rngs={'dropout': dropout_key})
+      logits, updates = model.apply(
+        {'params': params, 'batch_stats': state.batch_stats},
+        normalise(images, image_stats),
+        train=True,
+        mutable=['batch_stats'],
+        rngs={'dropout': dropout_key},
+      )
       ce = jnp.mean(cross_entropy(logits, labels, config.label_smoothing))
       loss = ce + config.weight_decay * weight_penalty(params, state.batch_stats)
       return loss, (updates['batch_stats'], ce, jnp.mean(jnp.argmax(logits, -1) == labels))
@@ -190,8 +228,9 @@ def train_step(state: TrainState, images, labels, *, model, tx, schedule, config
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     return (loss, *aux), grads
 
-  ((loss, batch_stats, ce, accuracy), grads) = accumulate(gradients, images, labels, dropout_key,
-                                                          micro_batch)
+  ((loss, batch_stats, ce, accuracy), grads) = accumulate(
+    gradients, images, labels, dropout_key, micro_batch
+  )
   grads = lax.pmean(grads, AXIS)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -204,8 +243,14 @@ def train_step(state: TrainState, images, labels, *, model, tx, schedule, config
     ema_batch_stats = jax.tree.map(average, ema_batch_stats, batch_stats)
   metrics = lax.pmean({'loss': loss, 'cross_entropy': ce, 'accuracy': accuracy}, AXIS)
   metrics['learning_rate'] = schedule(state.step)
-  new_state = state.replace(step=step, params=params, batch_stats=batch_stats, opt_state=opt_state,
-                            ema_params=ema_params, ema_batch_stats=ema_batch_stats)
+  new_state = state.replace(
+    step=step,
+    params=params,
+    batch_stats=batch_stats,
+    opt_state=opt_state,
+    ema_params=ema_params,
+    ema_batch_stats=ema_batch_stats,
+  )
   return new_state, metrics
 
 
@@ -214,22 +259,31 @@ def batch_stats_step(variables, images, *, model, image_stats=None):
   has BN momentum 0, so the 'running' statistics it returns are the batch's own (averaged over
   devices by BN's axis)."""
   params, batch_stats = variables
-  _, updates = model.apply({'params': params, 'batch_stats': batch_stats},
-                           normalise(images, image_stats), train=True, mutable=['batch_stats'],
-                           rngs={'dropout': jax.random.key(0)})
+  _, updates = model.apply(
+    {'params': params, 'batch_stats': batch_stats},
+    normalise(images, image_stats),
+    train=True,
+    mutable=['batch_stats'],
+    rngs={'dropout': jax.random.key(0)},
+  )
   return updates['batch_stats']
 
 
 def eval_step(state: TrainState, images, labels, mask, *, model, use_ema: bool, image_stats=None):
   """Sums over the global batch (padding masked out): top-1 and top-5 hits, loss, count."""
-  variables = ({'params': state.ema_params, 'batch_stats': state.ema_batch_stats} if use_ema else
-               {'params': state.params, 'batch_stats': state.batch_stats})
+  variables = (
+    {'params': state.ema_params, 'batch_stats': state.ema_batch_stats}
+    if use_ema
+    else {'params': state.params, 'batch_stats': state.batch_stats}
+  )
   logits = model.apply(variables, normalise(images, image_stats), train=False)
   top5 = lax.top_k(logits, min(5, logits.shape[-1]))[1]
-  sums = {'top1': jnp.sum((top5[:, 0] == labels) * mask),
-          'top5': jnp.sum(jnp.any(top5 == labels[:, None], axis=-1) * mask),
-          'loss': jnp.sum(cross_entropy(logits, labels, 0.0) * mask),
-          'count': jnp.sum(mask)}
+  sums = {
+    'top1': jnp.sum((top5[:, 0] == labels) * mask),
+    'top5': jnp.sum(jnp.any(top5 == labels[:, None], axis=-1) * mask),
+    'loss': jnp.sum(cross_entropy(logits, labels, 0.0) * mask),
+    'count': jnp.sum(mask),
+  }
   return lax.psum(sums, AXIS)
 
 
@@ -238,8 +292,13 @@ def data_parallel(step_fn, mesh, num_batch_args: int, donate_state: bool = False
 
   check_vma is off because the step is written as for pmap: its gradients are this device's, and
   its explicit pmean makes them global (with the check on, JAX would sum them itself)."""
-  sharded = jax.shard_map(step_fn, mesh=mesh, in_specs=(P(),) + (P(AXIS),) * num_batch_args,
-                          out_specs=P(), check_vma=False)
+  sharded = jax.shard_map(
+    step_fn,
+    mesh=mesh,
+    in_specs=(P(),) + (P(AXIS),) * num_batch_args,
+    out_specs=P(),
+    check_vma=False,
+  )
   return jax.jit(sharded, donate_argnums=(0,) if donate_state else ())
 
 
@@ -256,8 +315,9 @@ def shard_batch(mesh, *arrays):
 def check_batch(batch_size: int, mesh, process_count: int) -> int:
   """This process's part of a global `batch_size`; it must split evenly over the devices."""
   if batch_size % mesh.size:
-    raise errors.UserError(f'batch size {batch_size}: expected a multiple of the {mesh.size} '
-                           'devices')
+    raise errors.UserError(
+      f'batch size {batch_size}: expected a multiple of the {mesh.size} devices'
+    )
   return batch_size // process_count
 
 
@@ -270,14 +330,16 @@ def eval_batch_part(batch_size: int, mesh, process_count: int) -> int:
   return -(-batch_size // mesh.size) * mesh.size // process_count
 
 
-def recalibrate_batch_stats(stats_fn, state: TrainState, batches, num_batches: int, mesh,
-                            use_ema: bool) -> TrainState:
+def recalibrate_batch_stats(
+  stats_fn, state: TrainState, batches, num_batches: int, mesh, use_ema: bool
+) -> TrainState:
   """The evaluated weights' BN statistics re-estimated as the mean over `num_batches` training
   batches. A short proxy run ends with weights still moving fast, which its running averages lag
   behind (seen: a child at 47% held-out top-1 with batch statistics scored 12% with its running
   ones); recalibrating, as one-shot NAS does, measures the trained weights as they are."""
-  variables = ((state.ema_params, state.ema_batch_stats) if use_ema else
-               (state.params, state.batch_stats))
+  variables = (
+    (state.ema_params, state.ema_batch_stats) if use_ema else (state.params, state.batch_stats)
+  )
   total = None
   for _ in range(num_batches):
     images, _ = shard_batch(mesh, *next(batches))
@@ -294,16 +356,36 @@ def evaluate(eval_fn, state, data, batch_size: int, mesh, limit=None) -> dict[st
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(totals)
   count = max(float(totals['count']), 1.0)
-  return {'accuracy': float(totals['top1']) / count, 'top5': float(totals['top5']) / count,
-          'loss': float(totals['loss']) / count, 'examples': int(totals['count'])}
+  return {
+    'accuracy': float(totals['top1']) / count,
+    'top5': float(totals['top5']) / count,
+    'loss': float(totals['loss']) / count,
+    'examples': int(totals['count']),
+  }
 
 
 def _steps(config, model, tx, schedule, mesh, micro_batch: int | None = None, image_stats=None):
-  train_fn = data_parallel(functools.partial(train_step, model=model, tx=tx, schedule=schedule,
-                                             config=config, micro_batch=micro_batch,
-                                             image_stats=image_stats), mesh, 2, donate_state=True)
-  eval_fn = data_parallel(functools.partial(eval_step, model=model, use_ema=bool(config.ema_decay),
-                                            image_stats=image_stats), mesh, 3)
+  train_fn = data_parallel(
+    functools.partial(
+      train_step,
+      model=model,
+      tx=tx,
+      schedule=schedule,
+      config=config,
+      micro_batch=micro_batch,
+      image_stats=image_stats,
+    ),
+    mesh,
+    2,
+    donate_state=True,
+  )
+  eval_fn = data_parallel(
+    functools.partial(
+      eval_step, model=model, use_ema=bool(config.ema_decay), image_stats=image_stats
+    ),
+    mesh,
+    3,
+  )
   return train_fn, eval_fn
 
 
@@ -314,13 +396,15 @@ def micro_batch_options(per_device: int, devices: int, group_size: int | None):
   or shrink."""
   whole = bn_groups.grouping(per_device, devices, group_size)
   sizes = [m for m in range(per_device, 0, -1) if per_device % m == 0]
-  exact = [m for m in sizes
-           if m == per_device or (whole.devices_per_group == 1 and m % whole.images == 0)]
+  exact = [
+    m for m in sizes if m == per_device or (whole.devices_per_group == 1 and m % whole.images == 0)
+  ]
   return [(m, False) for m in exact] + [(m, True) for m in sizes]
 
 
-def fit_train_step(config, model, tx, schedule, mesh, state_shapes, batch_shapes,
-                   image_stats=None) -> memory.Fit:
+def fit_train_step(
+  config, model, tx, schedule, mesh, state_shapes, batch_shapes, image_stats=None
+) -> memory.Fit:
   """The train step compiled for `batch_shapes`, with the largest micro-batch that fits each
   device's memory (`config.device_memory_gib`, else what the device reports; no limit on CPU,
   which reports none); memory.DoesNotFit when none fits. BN groups smaller than
@@ -332,14 +416,25 @@ def fit_train_step(config, model, tx, schedule, mesh, state_shapes, batch_shapes
     return step.lower(state_shapes, *batch_shapes).compile()
 
   budget = memory.budget_bytes(config.device_memory_gib, mesh.local_devices[0])
-  fitted = memory.fit(compile_step, micro_batch_options(per_device, mesh.size, model.bn_group_size),
-                      budget, what=f'the train step of {per_device} images per device')
-  whole, chosen = (bn_groups.grouping(m, mesh.size, model.bn_group_size)
-                   for m in (per_device, fitted.micro_batch))
+  fitted = memory.fit(
+    compile_step,
+    micro_batch_options(per_device, mesh.size, model.bn_group_size),
+    budget,
+    what=f'the train step of {per_device} images per device',
+  )
+  whole, chosen = (
+    bn_groups.grouping(m, mesh.size, model.bn_group_size) for m in (per_device, fitted.micro_batch)
+  )
   if chosen.images != whole.images:
-    logging.warning('BatchNorm statistics over %d images instead of %d: only micro-batches of %d '
-                    'of the %d images per device fit %.2f GiB', chosen.images, whole.images,
-                    fitted.micro_batch, per_device, budget / memory.GIB)
+    logging.warning(
+      'BatchNorm statistics over %d images instead of %d: only micro-batches of %d '
+      'of the %d images per device fit %.2f GiB',
+      chosen.images,
+      whole.images,
+      fitted.micro_batch,
+      per_device,
+      budget / memory.GIB,
+    )
   return fitted
 
 
@@ -349,6 +444,7 @@ def _check_finite(loss, step):
 
 
 # --- the search's proxy training ----------------------------------------------------------------
+
 
 def proxy_train(config, arch, data: input_pipeline.Data, seed: int = 0, devices=None) -> dict:
   """Trains one child on the proxy-training part and measures top-1 on the held-out part.
@@ -374,25 +470,39 @@ def proxy_train(config, arch, data: input_pipeline.Data, seed: int = 0, devices=
   # Every program is lowered from shapes alone, so the state's initialisation (itself a compiled
   # program) and the compiles all run at once.
   make_state = functools.partial(create_state, model, tx, data.image_size, use_ema, seed, mesh)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                         sharding=NamedSharding(mesh, P())),
-                          jax.eval_shape(make_state))
+  abstract = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, P())),
+    jax.eval_shape(make_state),
+  )
   size = (data.image_size, data.image_size, 3)
   split = NamedSharding(mesh, P(AXIS))
-  train_shapes, eval_shapes = ([jax.ShapeDtypeStruct((batch,) + s, d, sharding=split)
-                                for s, d in ((size, jnp.uint8), ((), jnp.int32), ((), jnp.float32))]
-                               for batch in (local_batch, eval_batch))
+  train_shapes, eval_shapes = (
+    [
+      jax.ShapeDtypeStruct((batch,) + s, d, sharding=split)
+      for s, d in ((size, jnp.uint8), ((), jnp.int32), ((), jnp.float32))
+    ]
+    for batch in (local_batch, eval_batch)
+  )
   image_stats = (data.mean, data.std)
   _, eval_fn = _steps(config, model, tx, schedule, mesh, image_stats=image_stats)
-  programs = {'state': make_state,
-              'train': lambda: fit_train_step(config, model, tx, schedule, mesh, abstract,
-                                              train_shapes[:2], image_stats),
-              'eval': lambda: eval_fn.lower(abstract, *eval_shapes).compile()}
+  programs = {
+    'state': make_state,
+    'train': lambda: fit_train_step(
+      config, model, tx, schedule, mesh, abstract, train_shapes[:2], image_stats
+    ),
+    'eval': lambda: eval_fn.lower(abstract, *eval_shapes).compile(),
+  }
   if recalibration:
-    stats_fn = data_parallel(functools.partial(batch_stats_step, model=model.clone(bn_momentum=0.0),
-                                               image_stats=image_stats), mesh, 1)
-    programs['stats'] = lambda: stats_fn.lower((abstract.params, abstract.batch_stats),
-                                               train_shapes[0]).compile()
+    stats_fn = data_parallel(
+      functools.partial(
+        batch_stats_step, model=model.clone(bn_momentum=0.0), image_stats=image_stats
+      ),
+      mesh,
+      1,
+    )
+    programs['stats'] = lambda: stats_fn.lower(
+      (abstract.params, abstract.batch_stats), train_shapes[0]
+    ).compile()
   with concurrent.futures.ThreadPoolExecutor(len(programs)) as pool:
     compiled = dict(zip(programs, pool.map(lambda run: run(), programs.values())))
   state = compiled.pop('state')
@@ -407,7 +517,7 @@ def proxy_train(config, arch, data: input_pipeline.Data, seed: int = 0, devices=
       losses.append(metrics['loss'])
       if (step + 1) % config.check_every_steps == 0 or step + 1 == total_steps:
         _check_finite(float(losses[-1]), step + 1)
-    final_loss = float(np.mean(jax.device_get(losses[-config.check_every_steps:])))
+    final_loss = float(np.mean(jax.device_get(losses[-config.check_every_steps :])))
   _check_finite(final_loss, total_steps)
   train_seconds = time.perf_counter() - start
 
@@ -416,21 +526,29 @@ def proxy_train(config, arch, data: input_pipeline.Data, seed: int = 0, devices=
     state = recalibrate_batch_stats(compiled['stats'], state, batches, recalibration, mesh, use_ema)
   result = evaluate(compiled['eval'], state, data, eval_batch, mesh, config.eval_examples)
   eval_seconds = time.perf_counter() - start
-  return {'accuracy': result['accuracy'], 'top5': result['top5'],
-          'compile_seconds': compile_seconds, 'train_seconds': train_seconds,
-          'eval_seconds': eval_seconds, 'steps': total_steps, 'final_loss': final_loss,
-          'micro_batch': compiled['train'].micro_batch, 'remat': compiled['train'].remat}
+  return {
+    'accuracy': result['accuracy'],
+    'top5': result['top5'],
+    'compile_seconds': compile_seconds,
+    'train_seconds': train_seconds,
+    'eval_seconds': eval_seconds,
+    'steps': total_steps,
+    'final_loss': final_loss,
+    'micro_batch': compiled['train'].micro_batch,
+    'remat': compiled['train'].remat,
+  }
 
 
 # --- the 'train' job ------------------------------------------------------------------------------
+
 
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   """Trains `config.arch` on `config.data` with checkpoints in `workdir`; a restarted job resumes
   from the latest checkpoint (same step, optimizer and EMA state, same data order on in-memory
   datasets). Returns the final evaluation."""
-  import orbax.checkpoint as ocp
   from clu import metric_writers
   from clu import periodic_actions
+  import orbax.checkpoint as ocp
 
   if not workdir:
     raise errors.UserError('the train job needs --workdir=DIR for its checkpoints and metrics')
@@ -448,30 +566,47 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   state = create_state(model, tx, data.image_size, bool(config.ema_decay), config.seed, mesh)
   image_stats = (data.mean, data.std)
   _, eval_fn = _steps(config, model, tx, schedule, mesh, image_stats=image_stats)
-  batch_shapes = [jax.ShapeDtypeStruct((config.batch_size,) + s, d,
-                                       sharding=NamedSharding(mesh, P(AXIS)))
-                  for s, d in (((data.image_size, data.image_size, 3), jnp.uint8),
-                               ((), jnp.int32))]
-  train_fn = fit_train_step(config, model, tx, schedule, mesh,
-                            jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                                        sharding=x.sharding),
-                                         state), batch_shapes, image_stats).compiled
+  batch_shapes = [
+    jax.ShapeDtypeStruct((config.batch_size,) + s, d, sharding=NamedSharding(mesh, P(AXIS)))
+    for s, d in (((data.image_size, data.image_size, 3), jnp.uint8), ((), jnp.int32))
+  ]
+  train_fn = fit_train_step(
+    config,
+    model,
+    tx,
+    schedule,
+    mesh,
+    jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state),
+    batch_shapes,
+    image_stats,
+  ).compiled
 
   manager = ocp.CheckpointManager(
-      os.path.join(workdir, 'checkpoints'),
-      options=ocp.CheckpointManagerOptions(max_to_keep=config.checkpoints_to_keep,
-                                           save_interval_steps=config.checkpoint_every_steps))
+    os.path.join(workdir, 'checkpoints'),
+    options=ocp.CheckpointManagerOptions(
+      max_to_keep=config.checkpoints_to_keep, save_interval_steps=config.checkpoint_every_steps
+    ),
+  )
   if manager.latest_step() is not None:
     state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(state))
   start_step = int(state.step)
   writer = metric_writers.create_default_writer(workdir, just_logging=process_index > 0)
   if start_step == 0:
-    writer.write_hparams({k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))})
-  logging.info('%s: %d params, %d steps (%.3f per epoch) of %d images, from step %d',
-               config.arch, models.count_params(state.params), total_steps, steps_per_epoch,
-               config.batch_size, start_step)
-  progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
-                                             every_steps=config.log_every_steps)
+    writer.write_hparams(
+      {k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))}
+    )
+  logging.info(
+    '%s: %d params, %d steps (%.3f per epoch) of %d images, from step %d',
+    config.arch,
+    models.count_params(state.params),
+    total_steps,
+    steps_per_epoch,
+    config.batch_size,
+    start_step,
+  )
+  progress = periodic_actions.ReportProgress(
+    num_train_steps=total_steps, writer=writer, every_steps=config.log_every_steps
+  )
   batches = data.train_batches(local_batch, config.seed, start_step)
   history = []
   result = {}
@@ -482,8 +617,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       history.append(metrics)
       progress(step)
       if step % config.log_every_steps == 0 or step == total_steps:
-        summary = {f'train_{k}': float(np.mean(v)) for k, v in
-                   jax.device_get(jax.tree.map(lambda *x: jnp.stack(x), *history)).items()}
+        summary = {
+          f'train_{k}': float(np.mean(v))
+          for k, v in jax.device_get(jax.tree.map(lambda *x: jnp.stack(x), *history)).items()
+        }
         _check_finite(summary['train_loss'], step)
         writer.write_scalars(step, summary)
         history = []
@@ -507,13 +644,18 @@ def restore_variables(workdir: str, use_ema: bool = True) -> dict:
   """The Flax variables ({'params', 'batch_stats'}) of a 'train' job's latest checkpoint; its EMA
   weights and statistics when it keeps them and `use_ema`."""
   import orbax.checkpoint as ocp
+
   directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
   manager = ocp.CheckpointManager(directory)
   step = manager.latest_step()
   if step is None:
-    raise errors.UserError(f'no training checkpoint in {directory}: expected the --workdir of a '
-                           f'configs/train.py run (run it with --workdir={workdir} first)')
+    raise errors.UserError(
+      f'no training checkpoint in {directory}: expected the --workdir of a '
+      f'configs/train.py run (run it with --workdir={workdir} first)'
+    )
   state = manager.restore(step, args=ocp.args.StandardRestore())
   ema = use_ema and state.get('ema_params') is not None
-  return {'params': state['ema_params' if ema else 'params'],
-          'batch_stats': state['ema_batch_stats' if ema else 'batch_stats']}
+  return {
+    'params': state['ema_params' if ema else 'params'],
+    'batch_stats': state['ema_batch_stats' if ema else 'batch_stats'],
+  }

@@ -34,7 +34,8 @@ def fake_adb(tmp_path, monkeypatch):
   phone.mkdir()
   script = tmp_path / 'bin' / 'adb'
   script.parent.mkdir()
-  script.write_text(textwrap.dedent(f"""\
+  script.write_text(
+    textwrap.dedent(f"""\
       #!{sys.executable}
       import json, shutil, sys
       args = sys.argv[1:]
@@ -48,7 +49,8 @@ def fake_adb(tmp_path, monkeypatch):
             args[1].split()[1], 'x'))
       elif args[0] == 'shell' and '--graph=' in args[1]:
         sys.stdout.write({BENCHMARK_OUTPUT!r})
-      """))
+      """)
+  )
   script.chmod(script.stat().st_mode | stat.S_IEXEC)
   monkeypatch.setenv('PATH', f'{script.parent}{os.pathsep}{os.environ["PATH"]}')
   return log, phone

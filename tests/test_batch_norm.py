@@ -6,6 +6,8 @@ import pytest
 
 from mnasnet_jax.cpu import batch_norm
 
+pytestmark = pytest.mark.cpu_only  # the closed-form BatchNorm of mnasnet_jax/cpu/
+
 
 @pytest.mark.parametrize('axis_name', [None, 'devices'])
 def test_equals_flax_batch_norm_in_outputs_statistics_and_gradients(axis_name):
@@ -18,9 +20,11 @@ def test_equals_flax_batch_norm_in_outputs_statistics_and_gradients(axis_name):
 
   def run(module):
     def loss(params, x, target):
-      y, updates = module.apply({'params': params, 'batch_stats': stats}, x,
-                                mutable=['batch_stats'])
+      y, updates = module.apply(
+        {'params': params, 'batch_stats': stats}, x, mutable=['batch_stats']
+      )
       return jnp.sum(jnp.sin(y) * target), (y, updates['batch_stats'])
+
     step = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
     return jax.vmap(step, in_axes=(None, 0, 0), axis_name=axis_name)(params, x, target)
 
@@ -42,7 +46,9 @@ def test_same_variables_and_inference_as_flax():
   ours = batch_norm.BatchNorm(epsilon=1e-3)  # the mode given when called, as models.py does
   variables = flax_bn.init(jax.random.PRNGKey(0), x)
   assert jax.tree.structure(ours.init(jax.random.PRNGKey(0), x, use_running_average=True)) == (
-      jax.tree.structure(variables))
+    jax.tree.structure(variables)
+  )
   variables = jax.tree.map(lambda v: v + 0.3, variables)
-  np.testing.assert_allclose(ours.apply(variables, x, use_running_average=True),
-                             flax_bn.apply(variables, x), rtol=1e-6)
+  np.testing.assert_allclose(
+    ours.apply(variables, x, use_running_average=True), flax_bn.apply(variables, x), rtol=1e-6
+  )

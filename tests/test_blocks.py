@@ -4,7 +4,6 @@ from mnasnet_jax import blocks
 from mnasnet_jax import errors
 from mnasnet_jax import models
 
-
 OFFICIAL = [b for arch in models.ARCHITECTURES.values() for b in arch.blocks]
 
 
@@ -15,19 +14,34 @@ def test_official_strings_round_trip(block_string):
 
 def test_decode_fields_match_official_meaning():
   b = blocks.decode('r3_k5_s22_e3_i24_o40_se0.25')
-  assert (b.repeats, b.kernel, b.stride, b.expand, b.in_filters, b.out_filters) == (3, 5, 2, 3, 24, 40)
+  assert (b.repeats, b.kernel, b.stride, b.expand, b.in_filters, b.out_filters) == (
+    3,
+    5,
+    2,
+    3,
+    24,
+    40,
+  )
   assert b.se_ratio == 0.25 and b.skip == 'identity' and b.op == 'mbconv'
   assert blocks.decode('r1_k3_s11_e1_i32_o16_noskip').skip == 'none'
 
 
-@pytest.mark.parametrize('block_string', [
-    'r2_k3_s22_e1_i16_o24_conv', 'r2_k5_s11_e6_i16_o24_se0.25_poolskip',
-    'r1_k3_s22_e1_i16_o24_se0.25_conv_noskip', 'r0_k3_s11_e3_i32_o16'])
+@pytest.mark.parametrize(
+  'block_string',
+  [
+    'r2_k3_s22_e1_i16_o24_conv',
+    'r2_k5_s11_e6_i16_o24_se0.25_poolskip',
+    'r1_k3_s22_e1_i16_o24_se0.25_conv_noskip',
+    'r0_k3_s11_e3_i32_o16',
+  ],
+)
 def test_extensions_round_trip(block_string):
   assert blocks.encode(blocks.decode(block_string)) == block_string
 
 
-@pytest.mark.parametrize('bad, part', [
+@pytest.mark.parametrize(
+  'bad, part',
+  [
     ('r3_k5_s22_e3_i24', 'missing o'),
     ('r3_k5_s2_e3_i24_o40', "'s2'"),
     ('r3_k5_s12_e3_i24_o40', "'s12'"),
@@ -44,7 +58,8 @@ def test_extensions_round_trip(block_string):
     ('r3_k3_s22_e3_i24_o40_conv', 'expected e1'),
     ('r3_k3_s22_e3_i0_o40', 'in_filters'),
     ('R3_k5_s22_e3_i24_o40', "'R3'"),
-])
+  ],
+)
 def test_malformed_strings_name_the_part_and_the_string(bad, part):
   with pytest.raises(errors.UserError) as info:
     blocks.decode(bad)

@@ -3,9 +3,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from mnasnet_jax.configs.search import get_config
 from mnasnet_jax import controller
 from mnasnet_jax import errors
+from mnasnet_jax.configs.search import get_config
 
 CHOICES = (3, 4, 1, 3, 2)  # a one-option position too: masked head, never mutated
 BATCH = 8  # one batch size throughout: each new shape is a new compilation
@@ -110,9 +110,9 @@ def test_evolution_fills_then_mutates_the_tournament_winner_then_ages(evolution)
   np.testing.assert_array_equal(changed, np.array(CHOICES) > 1)  # all that can change, sometimes
   # Aging: the oldest dies first, whatever its reward.
   state, _ = evolution.tell(state, children[:size], -np.ones(size))
-  state, _ = evolution.tell(state, children[size:2 * size], np.arange(size) + 10.0)
+  state, _ = evolution.tell(state, children[size : 2 * size], np.arange(size) + 10.0)
   population = np.asarray(state['population'])
-  np.testing.assert_array_equal(population, children[size:2 * size])
+  np.testing.assert_array_equal(population, children[size : 2 * size])
   assert int(state['count']) == 3 * size
 
 
@@ -144,8 +144,9 @@ def test_strategies_run_on_the_cpu_at_highest_precision(ppo, evolution):
     assert int(told['step']) == 1
   state = ppo.init(0)
   with controller.on_cpu():
-    lowered = jax.jit(controller.sample, static_argnums=(2, 3)).lower(state['params'],
-                                                                      state['key'], CHOICES, 4)
+    lowered = jax.jit(controller.sample, static_argnums=(2, 3)).lower(
+      state['params'], state['key'], CHOICES, 4
+    )
   assert 'precision = [HIGHEST, HIGHEST]' in lowered.as_text()
 
 
@@ -161,8 +162,9 @@ def test_orbax_round_trip(ppo, evolution, tmp_path):
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(tmp_path / 'states', states)
   checkpointer.wait_until_finished()
-  abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct,
-                                    {name: s.init(0) for name, s in strategies.items()})
+  abstract = jax.tree_util.tree_map(
+    ocp.utils.to_shape_dtype_struct, {name: s.init(0) for name, s in strategies.items()}
+  )
   restored = checkpointer.restore(tmp_path / 'states', abstract)
   assert jax.tree_util.tree_structure(restored) == jax.tree_util.tree_structure(states)
   for a, b in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(states)):

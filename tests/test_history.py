@@ -10,9 +10,20 @@ from mnasnet_jax import history
 
 
 def _record(trial, step=0, **kw):
-  r = {'trial': trial, 'step': step, 'tokens': [trial, 1], 'blocks': ['r1_k3_s11_e1_i32_o16'],
-       'accuracy': 0.5 + trial / 100, 'latency_ms': 1.0 + trial, 'reward': 0.4, 'params': 10,
-       'macs': 20, 'status': 'ok', 'reason': None, 'eval_seconds': 1.5}
+  r = {
+    'trial': trial,
+    'step': step,
+    'tokens': [trial, 1],
+    'blocks': ['r1_k3_s11_e1_i32_o16'],
+    'accuracy': 0.5 + trial / 100,
+    'latency_ms': 1.0 + trial,
+    'reward': 0.4,
+    'params': 10,
+    'macs': 20,
+    'status': 'ok',
+    'reason': None,
+    'eval_seconds': 1.5,
+  }
   r.update(kw)
   return r
 
@@ -20,8 +31,12 @@ def _record(trial, step=0, **kw):
 def test_round_trip_and_order(tmp_path):
   path = str(tmp_path / 'history.jsonl')
   h = history.History(path)
-  h.extend([_record(0), _record(1, status='failed', reason='TrainingDiverged: loss nan',
-                                accuracy=float('nan'))])
+  h.extend(
+    [
+      _record(0),
+      _record(1, status='failed', reason='TrainingDiverged: loss nan', accuracy=float('nan')),
+    ]
+  )
   lines = open(path).read().splitlines()
   assert len(lines) == 2
   assert list(json.loads(lines[0]))[:3] == ['trial', 'step', 'tokens']

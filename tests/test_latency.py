@@ -21,14 +21,23 @@ from mnasnet_jax.latency import table as table_lib
 # Every op the export can meet: no skip (e1), SE + pool skip with stride and projection, the repeat's
 # pool skip without either, a regular conv with SE whose identity skip cannot apply (24 -> 32), and a
 # strided pool skip at equal widths.
-ARCH = ['r1_k3_s11_e1_i32_o16_noskip', 'r2_k5_s22_e3_i16_o24_se0.25_poolskip',
-        'r1_k3_s11_e1_i24_o32_conv_se0.25', 'r1_k3_s22_e6_i32_o32_poolskip']
+ARCH = [
+  'r1_k3_s11_e1_i32_o16_noskip',
+  'r2_k5_s22_e3_i16_o24_se0.25_poolskip',
+  'r1_k3_s11_e1_i24_o32_conv_se0.25',
+  'r1_k3_s22_e6_i32_o32_poolskip',
+]
 
 
 def interpreter(content, delegate=True):
-  from ai_edge_litert.interpreter import Interpreter, OpResolverType
-  kwargs = {} if delegate else {
-      'experimental_op_resolver_type': OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES}
+  from ai_edge_litert.interpreter import Interpreter
+  from ai_edge_litert.interpreter import OpResolverType
+
+  kwargs = (
+    {}
+    if delegate
+    else {'experimental_op_resolver_type': OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES}
+  )
   result = Interpreter(model_content=content, num_threads=1, **kwargs)
   result.allocate_tensors()
   return result
@@ -38,9 +47,12 @@ def test_tflite_equals_jax_model(tmp_path):
   model = models.create(ARCH, num_classes=10, depthwise='native', dtype='float32')
   images = np.random.default_rng(0).normal(size=(1, 32, 32, 3)).astype(np.float32)
   variables = export.random_variables(model, images.shape, seed=1)  # BN statistics far from 0/1
-  expected = np.asarray(jax.jit(model.apply, static_argnames='train')(variables, images, train=False))
-  path = latency.export_tflite(ARCH, tmp_path / 'model.tflite', resolution=32, num_classes=10,
-                               params=variables)
+  expected = np.asarray(
+    jax.jit(model.apply, static_argnames='train')(variables, images, train=False)
+  )
+  path = latency.export_tflite(
+    ARCH, tmp_path / 'model.tflite', resolution=32, num_classes=10, params=variables
+  )
   content = open(path, 'rb').read()
   run = interpreter(content)
   run.set_tensor(run.get_input_details()[0]['index'], images)
@@ -52,8 +64,16 @@ def test_tflite_equals_jax_model(tmp_path):
   # layer 1 (project) 1, layer 2 (expand, SE x2, project, shortcut) 5, layer 3 (expand, SE x2,
   # project) 4, layer 4 (conv, SE x2) 3, layer 5 (expand, project) 2, head 1.
   ops = collections.Counter(o['op_name'] for o in interpreter(content, False)._get_ops_details())
-  assert ops == {'CONV_2D': 17, 'DEPTHWISE_CONV_2D': 4, 'MEAN': 4, 'LOGISTIC': 3, 'MUL': 3,
-                 'ADD': 3, 'AVERAGE_POOL_2D': 2, 'FULLY_CONNECTED': 1}
+  assert ops == {
+    'CONV_2D': 17,
+    'DEPTHWISE_CONV_2D': 4,
+    'MEAN': 4,
+    'LOGISTIC': 3,
+    'MUL': 3,
+    'ADD': 3,
+    'AVERAGE_POOL_2D': 2,
+    'FULLY_CONNECTED': 1,
+  }
 
 
 def test_folded_model_equals_the_model_and_its_parts_are_the_units():
@@ -68,7 +88,8 @@ def test_folded_model_equals_the_model_and_its_parts_are_the_units():
   # The table's units are that network's parts: the same variables, layer by layer.
   shapes = jax.tree_util.tree_map(np.shape, folded['params'])
   unit_shapes = lambda module, shape: jax.tree_util.tree_map(
-      np.shape, export.variable_shapes(module, shape)['params'])
+    np.shape, export.variable_shapes(module, shape)['params']
+  )
   assert unit_shapes(net.stem(32), images.shape) == {k: shapes[k] for k in ('stem', 'stem_bn')}
   specs = model.layer_specs(32)
   for i, spec in enumerate(specs):
@@ -96,9 +117,17 @@ def test_layer_keys_normalise_what_does_not_change_compute():
 def synthetic_table(arch, resolution=32, num_classes=10, **calibration):
   """Each unit of `arch` gets a distinct known latency: 1, 2, 4, ... ms (sums are unambiguous)."""
   units = table_lib.network_units(arch, resolution, num_classes)
-  entries = {k: {'ms': float(2 ** i), 'params': 1_000_000} for i, k in enumerate(dict.fromkeys(units))}
-  return table_lib.LatencyTable(entries, resolution=resolution, num_classes=num_classes,
-                                backend='test', device={'name': 'test'}, calibration=calibration)
+  entries = {
+    k: {'ms': float(2**i), 'params': 1_000_000} for i, k in enumerate(dict.fromkeys(units))
+  }
+  return table_lib.LatencyTable(
+    entries,
+    resolution=resolution,
+    num_classes=num_classes,
+    backend='test',
+    device={'name': 'test'},
+    calibration=calibration,
+  )
 
 
 def test_predict_is_stem_plus_layers_plus_head_with_calibration(tmp_path):
@@ -131,14 +160,20 @@ def test_missing_layer_names_signature_and_path(tmp_path):
       predict(other)
 
 
-@pytest.mark.parametrize('content, why', [
+@pytest.mark.parametrize(
+  'content, why',
+  [
     ('{"format": "mnasnet_jax.latency_table", ', 'not valid JSON'),
     ('[1, 2]', 'format'),
     ('{"format": "mnasnet_jax.latency_table", "version": 1}', 'expected version 2, got 1'),
     ('{"format": "mnasnet_jax.latency_table", "version": 2, "resolution": 32}', 'missing field'),
-    ('{"format": "mnasnet_jax.latency_table", "version": 2, "resolution": 32, "num_classes": 10, '
-     '"backend": "litert", "device": {}, "entries": {"stem_o32_r32": {"ms": -1}}}', 'stem_o32_r32'),
-])
+    (
+      '{"format": "mnasnet_jax.latency_table", "version": 2, "resolution": 32, "num_classes": 10, '
+      '"backend": "litert", "device": {}, "entries": {"stem_o32_r32": {"ms": -1}}}',
+      'stem_o32_r32',
+    ),
+  ],
+)
 def test_corrupt_table_is_a_clear_error(tmp_path, content, why):
   path = tmp_path / 'bad.json'
   path.write_text(content)
@@ -153,11 +188,24 @@ def tiny_profile_config(**changes):
   space.conv_ops, space.kernels, space.se_ratios = ('sepconv', 'mbconv6'), (3,), (0.0,)
   space.skip_ops, space.filter_multipliers, space.layer_deltas = ('identity',), (1.0,), (0,)
   fields = dict(
-      job='profile_latency', search_space=space, architectures=(), resolution=16, num_classes=10,
-      table_name='tiny.json', backend='litert', instances=2, warmup=1, repeats=3, num_threads=1,
-      statistic='min', flush_mib=1.0, log_every_seconds=0.0,
-      adb=dict(binary='adb', serial='', device_dir='/data/local/tmp/m', benchmark_binary='/bm',
-               cpu_mask='f0'))
+    job='profile_latency',
+    search_space=space,
+    architectures=(),
+    resolution=16,
+    num_classes=10,
+    table_name='tiny.json',
+    backend='litert',
+    instances=2,
+    warmup=1,
+    repeats=3,
+    num_threads=1,
+    statistic='min',
+    flush_mib=1.0,
+    log_every_seconds=0.0,
+    adb=dict(
+      binary='adb', serial='', device_dir='/data/local/tmp/m', benchmark_binary='/bm', cpu_mask='f0'
+    ),
+  )
   fields.update(changes)
   return ml_collections.ConfigDict(fields)
 
@@ -181,8 +229,12 @@ def test_profiler_covers_the_space_resumes_and_predicts_sums(tmp_path, monkeypat
   for tokens in ([0] * 6, [1] + [0] * 5):
     arch = space.decode(tokens)
     layers = blocks.layers(arch, 32, 8)
-    by_hand = (entries['stem_o32_r16'] + sum(entries[table_lib.layer_key(l)] for l in layers)
-               + entries['head_i320_r1_c10'] - (len(layers) + 1) * entries[profiler.OVERHEAD_KEY])
+    by_hand = (
+      entries['stem_o32_r16']
+      + sum(entries[table_lib.layer_key(l)] for l in layers)
+      + entries['head_i320_r1_c10']
+      - (len(layers) + 1) * entries[profiler.OVERHEAD_KEY]
+    )
     assert loaded.predict(arch) == pytest.approx(by_hand, rel=1e-12)
     assert table.predict(arch) == loaded.predict(arch)
     # The entries' parameter counts add up to the folded Flax model's.
@@ -206,9 +258,15 @@ def test_journal_ignores_a_torn_last_line_only(tmp_path):
 
 def test_adb_backend_pushes_pins_and_parses(fake_adb):
   log, phone = fake_adb
-  backend = profiler.AdbBackend(warmup=2, repeats=5, serial='PHONE1', device_dir='/data/local/tmp/m',
-                                benchmark_binary='/data/local/tmp/benchmark_model', cpu_mask='f0',
-                                instances=2)
+  backend = profiler.AdbBackend(
+    warmup=2,
+    repeats=5,
+    serial='PHONE1',
+    device_dir='/data/local/tmp/m',
+    benchmark_binary='/data/local/tmp/benchmark_model',
+    cpu_mask='f0',
+    instances=2,
+  )
   net = export.inference_model(models.MnasNet(blocks=(), num_classes=10))
   content = export.module_tflite(net.stem(8), (1, 16, 16, 3))
   entry = backend.time(content, 'unit')  # two runs of benchmark_model, pooled
@@ -219,8 +277,12 @@ def test_adb_backend_pushes_pins_and_parses(fake_adb):
   assert calls[1][2] == 'push' and calls[1][4] == '/data/local/tmp/m/unit.tflite'
   bench = calls[2][3].split()
   assert bench[:3] == ['taskset', 'f0', '/data/local/tmp/benchmark_model']
-  assert {'--graph=/data/local/tmp/m/unit.tflite', '--num_threads=1', '--warmup_runs=2',
-          '--num_runs=5'} <= set(bench)
+  assert {
+    '--graph=/data/local/tmp/m/unit.tflite',
+    '--num_threads=1',
+    '--warmup_runs=2',
+    '--num_runs=5',
+  } <= set(bench)
   assert calls[3] == calls[2]
   assert calls[4][2:] == ['shell', 'rm -f /data/local/tmp/m/unit.tflite']
   assert backend.device()['name'] == 'Google Pixel 1'
@@ -229,28 +291,38 @@ def test_adb_backend_pushes_pins_and_parses(fake_adb):
 def test_pooled_runs_equal_the_statistics_of_all_samples():
   rng = np.random.default_rng(0)
   runs = [rng.normal(1.0 + i, 0.1 * (i + 1), 5 + i) for i in range(3)]
-  stats = [{'mean_ms': r.mean(), 'std_ms': r.std(), 'min_ms': r.min(), 'count': r.size} for r in runs]
+  stats = [
+    {'mean_ms': r.mean(), 'std_ms': r.std(), 'min_ms': r.min(), 'count': r.size} for r in runs
+  ]
   every = np.concatenate(runs)
   assert profiler.pool_runs(stats) == pytest.approx(
-      {'mean_ms': every.mean(), 'std_ms': every.std(), 'min_ms': every.min(), 'count': every.size})
+    {'mean_ms': every.mean(), 'std_ms': every.std(), 'min_ms': every.min(), 'count': every.size}
+  )
 
 
 def test_adb_profile_job_and_failures(tmp_path, monkeypatch, fake_adb):
-  config = tiny_profile_config(backend='adb', search_space=None,
-                               architectures=('r1_k3_s11_e1_i32_o16_noskip,r1_k3_s22_e3_i16_o24',))
+  config = tiny_profile_config(
+    backend='adb',
+    search_space=None,
+    architectures=('r1_k3_s11_e1_i32_o16_noskip,r1_k3_s22_e3_i16_o24',),
+  )
   table = profiler.profile(config, str(tmp_path / 'work'))
   assert len(table) == 4 and table.device['model'] == 'Pixel 1'
   assert table.metadata['timing']['statistic'] == 'min'
   arch = config.architectures[0]
   assert table.predict(arch) == pytest.approx(4 * 0.58 - 3 * 0.58)
   # The table records its backend's settings, so its validation times whole models on that phone.
-  again = profiler.create_backend(ml_collections.ConfigDict(
-      {'backend': table.backend, **table.metadata['timing']}))
+  again = profiler.create_backend(
+    ml_collections.ConfigDict({'backend': table.backend, **table.metadata['timing']})
+  )
   assert isinstance(again, profiler.AdbBackend) and again.serial is None and again.cpu_mask == 'f0'
   assert (again.repeats, again.instances, again.device_dir) == (3, 2, '/data/local/tmp/m')
   config.statistic = 'median'  # benchmark_model prints none: refused before anything is timed
-  with pytest.raises(errors.UserError, match="config.statistic = 'median': expected one of "
-                     r"\('min', 'mean'\) for the adb backend"):
+  with pytest.raises(
+    errors.UserError,
+    match="config.statistic = 'median': expected one of "
+    r"\('min', 'mean'\) for the adb backend",
+  ):
     profiler.profile(config, str(tmp_path / 'work2'))
   assert not (tmp_path / 'work2').exists()
   with pytest.raises(ValueError, match='no timing line'):
@@ -260,11 +332,14 @@ def test_adb_profile_job_and_failures(tmp_path, monkeypatch, fake_adb):
     profiler.AdbBackend(1, 1).time(b'', 'x')
 
 
-@pytest.mark.parametrize('changes, named', [
+@pytest.mark.parametrize(
+  'changes, named',
+  [
     ({'backend': 'phone'}, "config.backend = 'phone': expected 'litert' or 'adb'"),
     ({'repeats': 0}, 'config.repeats = 0: expected a whole number >= 1'),
     ({'statistic': 'mode'}, "config.statistic = 'mode': expected one of"),
-])
+  ],
+)
 def test_profile_refuses_a_bad_setting_before_any_work(tmp_path, changes, named):
   with pytest.raises(errors.UserError, match=re.escape(named)):
     profiler.profile(tiny_profile_config(**changes), str(tmp_path / 'work'))
@@ -273,36 +348,49 @@ def test_profile_refuses_a_bad_setting_before_any_work(tmp_path, changes, named)
     profiler.profile(tiny_profile_config(), '')
 
 
-@pytest.mark.parametrize('name, arg', [('litert_cpu_32.json', 'local'), ('litert_cpu_224.json', None)])
+@pytest.mark.parametrize(
+  'name, arg', [('litert_cpu_32.json', 'local'), ('litert_cpu_224.json', None)]
+)
 def test_shipped_tables_cover_the_space_and_named_models(name, arg):
   table = latency.LatencyTable.load(name)
   space = search_space.SearchSpace(search_config(arg).search_space)
   assert (table.resolution, table.num_classes) == ((32, 10) if arg else (224, 1000))
   missing = {table_lib.layer_key(l) for l in space.distinct_layers(table.resolution)} - set(
-      table.entries)
+    table.entries
+  )
   assert not missing
   net = export.inference_model(models.MnasNet(blocks=(), num_classes=table.num_classes))
   for arch in models.ARCHITECTURES:
     assert table.predict(arch) > 0
     # Each entry's parameter count is its Flax unit's (the units as the network has them).
     spec = models.architecture(arch)
-    layers = blocks.layers(spec.blocks, spec.stem_filters,
-                          blocks.same_output_size(table.resolution, 2))
+    layers = blocks.layers(
+      spec.blocks, spec.stem_filters, blocks.same_output_size(table.resolution, 2)
+    )
     res = table.resolution
-    units = [(net.stem(spec.stem_filters), (1, res, res, 3))] + [
-        (net.layer(l), (1, l.resolution, l.resolution, l.in_filters)) for l in layers] + [
-        (net.head(), (1, layers[-1].out_resolution, layers[-1].out_resolution,
-                      layers[-1].out_filters))]
+    units = (
+      [(net.stem(spec.stem_filters), (1, res, res, 3))]
+      + [(net.layer(l), (1, l.resolution, l.resolution, l.in_filters)) for l in layers]
+      + [
+        (
+          net.head(),
+          (1, layers[-1].out_resolution, layers[-1].out_resolution, layers[-1].out_filters),
+        )
+      ]
+    )
     keys = table_lib.network_units(arch, table.resolution, table.num_classes)
     assert [table.entries[k]['params'] for k in keys] == [
-        export.param_count(module, shape) for module, shape in units]
+      export.param_count(module, shape) for module, shape in units
+    ]
   rng = np.random.default_rng(0)
   archs = [space.decode([rng.integers(c) for c in space.choices]) for _ in range(100)]
-  np.testing.assert_allclose(table.predict_batch(archs), [table.predict(a) for a in archs],
-                             rtol=1e-12)
+  np.testing.assert_allclose(
+    table.predict_batch(archs), [table.predict(a) for a in archs], rtol=1e-12
+  )
   tokens = np.stack([space.encode(a) for a in archs])
-  np.testing.assert_allclose(table.predict_tokens(space, tokens), table.predict_batch(archs),
-                             rtol=1e-12)
+  np.testing.assert_allclose(
+    table.predict_tokens(space, tokens), table.predict_batch(archs), rtol=1e-12
+  )
   np.testing.assert_array_equal(table.predict_batch(tokens), table.predict_tokens(space, tokens))
   with pytest.raises(ValueError, match='tokens out of range'):
     table.predict_tokens(space, tokens + 5)

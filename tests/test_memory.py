@@ -3,12 +3,14 @@ import types
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+import numpy as np
+import pytest
 
-from mnasnet_jax import memory, platform, train
+from mnasnet_jax import memory
+from mnasnet_jax import platform
+from mnasnet_jax import train
 from mnasnet_jax.configs import train as train_config
 
 ARCH = ['r1_k3_s11_e1_i32_o16_noskip', 'r1_k3_s22_e3_i16_o24_se0.25']
@@ -16,8 +18,9 @@ ARCH = ['r1_k3_s11_e1_i32_o16_noskip', 'r1_k3_s22_e3_i16_o24_se0.25']
 
 def _config(**overrides):
   config = train_config.get_config('local')
-  config.update(dict(depth_multiplier=0.5, dropout_rate=0.0, ema_decay=0.9, warmup_epochs=0.0,
-                     **overrides))
+  config.update(
+    dict(depth_multiplier=0.5, dropout_rate=0.0, ema_decay=0.9, warmup_epochs=0.0, **overrides)
+  )
   return config
 
 
@@ -42,22 +45,37 @@ def test_accumulated_micro_batches_equal_one_step_on_the_whole_batch():
   batches = [_batch(64, seed) for seed in (0, 1)]
   results = {}
   for micro_batch, remat in ((None, False), (4, False), (4, True)):
-    step = train.data_parallel(functools.partial(
-        train.train_step, model=model.clone(remat=remat), tx=tx, schedule=schedule, config=config,
-        micro_batch=micro_batch), mesh, 2)
+    step = train.data_parallel(
+      functools.partial(
+        train.train_step,
+        model=model.clone(remat=remat),
+        tx=tx,
+        schedule=schedule,
+        config=config,
+        micro_batch=micro_batch,
+      ),
+      mesh,
+      2,
+    )
     state = train.replicate(initial, mesh)
     for images, labels in batches:
       state, metrics = step(state, *train.shard_batch(mesh, images, labels))
     results[micro_batch, remat] = jax.device_get((state, metrics))
   whole = results[None, False]
   for key in ((4, False), (4, True)):
-    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=2e-3, atol=2e-5),
-                 results[key], whole)
-  moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()),
-                       (whole[0].params, whole[0].batch_stats, whole[0].ema_batch_stats,
-                        whole[0].opt_state.mean_square),
-                       (initial.params, initial.batch_stats, initial.ema_batch_stats,
-                        initial.opt_state.mean_square))
+    jax.tree.map(
+      functools.partial(np.testing.assert_allclose, rtol=2e-3, atol=2e-5), results[key], whole
+    )
+  moved = jax.tree.map(
+    lambda a, b: float(np.abs(a - b).max()),
+    (
+      whole[0].params,
+      whole[0].batch_stats,
+      whole[0].ema_batch_stats,
+      whole[0].opt_state.mean_square,
+    ),
+    (initial.params, initial.batch_stats, initial.ema_batch_stats, initial.opt_state.mean_square),
+  )
   assert min(jax.tree.leaves(moved)) > 0
 
 
@@ -77,15 +95,22 @@ class _Compiled:
     self.temp = (40 * saving if remat else 40) * micro_batch + 50
 
   def memory_analysis(self):
-    return types.SimpleNamespace(argument_size_in_bytes=100, output_size_in_bytes=20,
-                                 alias_size_in_bytes=20, temp_size_in_bytes=self.temp)
+    return types.SimpleNamespace(
+      argument_size_in_bytes=100,
+      output_size_in_bytes=20,
+      alias_size_in_bytes=20,
+      temp_size_in_bytes=self.temp,
+    )
 
 
-@pytest.mark.parametrize('budget, chosen, compiled', [
+@pytest.mark.parametrize(
+  'budget, chosen, compiled',
+  [
     (None, (64, False), [(64, False)]),
     (100 + 40 * 16 + 50, (16, False), [(64, False), (16, False)]),  # 32 estimated too large
     (100 + 10 * 8 + 50, (8, True), [(64, False), (64, True), (8, True)]),
-])
+  ],
+)
 def test_fit_compiles_the_estimated_largest_micro_batch_that_fits(budget, chosen, compiled):
   calls = []
 
@@ -116,7 +141,7 @@ def test_fit_skips_what_the_compiler_refuses_and_raises_when_nothing_fits():
       raise jax.errors.JaxRuntimeError('RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm')
     return _Compiled(micro_batch, remat)
 
-  fit = memory.fit(compile_step, [(64, False), (32, False)], budget=10 ** 6)
+  fit = memory.fit(compile_step, [(64, False), (32, False)], budget=10**6)
   assert fit.micro_batch == 32
   with pytest.raises(memory.DoesNotFit, match='fits no micro-batch in'):
     memory.fit(compile_step, train.micro_batch_options(64, 1, 8), budget=150)
@@ -126,15 +151,19 @@ def test_fit_skips_what_the_compiler_refuses_and_raises_when_nothing_fits():
 
 
 def test_budget_from_the_config_else_the_device():
-  assert memory.budget_bytes(16.0) == 16 * 2 ** 30
+  assert memory.budget_bytes(16.0) == 16 * 2**30
   assert memory.budget_bytes(None, jax.devices('cpu')[0]) is None  # XLA:CPU reports no limit
   with pytest.raises(ValueError, match='device_memory_gib = 0'):
     memory.budget_bytes(0.0)
 
 
 def _fit(config, mesh, model, tx, schedule, state):
-  shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
-      np.shape(x), jnp.asarray(x).dtype, sharding=NamedSharding(mesh, P())), state)
+  shapes = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(
+      np.shape(x), jnp.asarray(x).dtype, sharding=NamedSharding(mesh, P())
+    ),
+    state,
+  )
   images, labels = _batch(config.batch_size)
   split = NamedSharding(mesh, P(platform.BATCH_AXIS))
   batch = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=split) for x in (images, labels)]
@@ -152,10 +181,11 @@ def test_a_small_memory_budget_gets_a_smaller_micro_batch_or_does_not_fit():
   assert fitted.micro_batch < 32 and fitted.bytes <= whole.bytes * 0.8
   # The fitted step runs, and trains as the whole batch's step does.
   images, labels = _batch(64)
-  runs = [fn(train.replicate(state, mesh), *train.shard_batch(mesh, images, labels))[1]
-          for fn in (whole.compiled, fitted.compiled)]
-  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4),
-               *jax.device_get(runs))
+  runs = [
+    fn(train.replicate(state, mesh), *train.shard_batch(mesh, images, labels))[1]
+    for fn in (whole.compiled, fitted.compiled)
+  ]
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4), *jax.device_get(runs))
   config.device_memory_gib = 1e-6
   with pytest.raises(train.DoesNotFit, match='fits no micro-batch'):
     _fit(config, mesh, model, tx, schedule, state)

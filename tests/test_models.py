@@ -10,18 +10,18 @@ from mnasnet_jax import errors
 from mnasnet_jax import models
 from mnasnet_jax import platform
 
-# Official counts (REFERENCE.md section 3); B1 at other multipliers are torchvision's mnasnet0_5,
+# Official counts (tensorflow/tpu mnasnet_models.py); B1 at other multipliers are torchvision's mnasnet0_5,
 # mnasnet0_75 and mnasnet1_3; MobileNetV2 1.0 is torchvision's mobilenet_v2.
 EXACT = {
-    ('mnasnet_a1', 1.0): 3_887_038,
-    ('mnasnet_b1', 1.0): 4_383_312,
-    ('mnasnet_small', 1.0): 2_030_264,
-    ('mnasnet_b1', 0.5): 2_218_512,
-    ('mnasnet_b1', 0.75): 3_170_208,
-    ('mnasnet_b1', 1.3): 6_282_256,
-    ('mobilenet_v2', 1.0): 3_504_872,
+  ('mnasnet_a1', 1.0): 3_887_038,
+  ('mnasnet_b1', 1.0): 4_383_312,
+  ('mnasnet_small', 1.0): 2_030_264,
+  ('mnasnet_b1', 0.5): 2_218_512,
+  ('mnasnet_b1', 0.75): 3_170_208,
+  ('mnasnet_b1', 1.3): 6_282_256,
+  ('mobilenet_v2', 1.0): 3_504_872,
 }
-# The paper's A1 with depth multipliers, in millions rounded to 0.1 (REFERENCE.md section 4).
+# The paper's A1 with depth multipliers, in millions rounded to 0.1 (the paper's model-scaling results, section 6).
 PAPER_A1_MILLIONS = {1.4: 6.1, 1.0: 3.9, 0.75: 2.9, 0.5: 2.1, 0.35: 1.7}
 MULTIPLIERS = (0.35, 0.5, 0.75, 1.0, 1.4)
 
@@ -82,32 +82,44 @@ def test_bfloat16_compute_float32_params():
   variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
   assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(variables))
   reference = models.create('mnasnet_small', num_classes=10, dtype='float32')
-  np.testing.assert_allclose(jax.jit(model.apply)(variables, x),
-                             jax.jit(reference.apply)(variables, x), atol=0.1)
+  np.testing.assert_allclose(
+    jax.jit(model.apply)(variables, x), jax.jit(reference.apply)(variables, x), atol=0.1
+  )
 
 
 def test_train_mode_updates_batch_stats_and_uses_dropout():
   model = models.create('mnasnet_small', num_classes=10, dropout_rate=0.5)
   x = jax.random.normal(jax.random.PRNGKey(1), (4, 32, 32, 3))
   variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
-  run = jax.jit(lambda seed: model.apply(variables, x, train=True, mutable=['batch_stats'],
-                                         rngs={'dropout': jax.random.PRNGKey(seed)}))
+  run = jax.jit(
+    lambda seed: model.apply(
+      variables, x, train=True, mutable=['batch_stats'], rngs={'dropout': jax.random.PRNGKey(seed)}
+    )
+  )
   (a, stats), (b, _) = run(0), run(1)
   assert not np.allclose(a, b)
-  moved = jax.tree_util.tree_map(lambda u, v: np.abs(u - v).max(), stats['batch_stats'],
-                                 variables['batch_stats'])
+  moved = jax.tree_util.tree_map(
+    lambda u, v: np.abs(u - v).max(), stats['batch_stats'], variables['batch_stats']
+  )
   assert max(jax.tree_util.tree_leaves(moved)) > 0
 
 
 def test_search_space_extensions_build():
-  arch = ['r1_k3_s11_e1_i32_o16', 'r2_k5_s22_e1_i16_o24_se0.25_conv', 'r2_k3_s22_e3_i24_o40_poolskip',
-          'r0_k3_s11_e6_i40_o40', 'r1_k3_s11_e6_i40_o48_poolskip']
+  arch = [
+    'r1_k3_s11_e1_i32_o16',
+    'r2_k5_s22_e1_i16_o24_se0.25_conv',
+    'r2_k3_s22_e3_i24_o40_poolskip',
+    'r0_k3_s11_e6_i40_o40',
+    'r1_k3_s11_e6_i40_o48_poolskip',
+  ]
   model = models.create(arch, num_classes=10)
   x = jnp.ones((1, 64, 64, 3))
   variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
   assert jax.jit(model.apply)(variables, x).shape == (1, 10)
-  assert models.count_params(variables['params']) == models.summary(arch, resolution=64,
-                                                                    num_classes=10)['params']
+  assert (
+    models.count_params(variables['params'])
+    == models.summary(arch, resolution=64, num_classes=10)['params']
+  )
 
 
 def test_bad_architecture_names():
@@ -125,11 +137,13 @@ def _outputs_and_gradients(fn, *args):
 
 @pytest.mark.parametrize('form', ['shifted', 'kernel'])
 @pytest.mark.parametrize('kernel, stride, size', [(3, 1, 9), (3, 2, 8), (5, 2, 11), (7, 1, 4)])
+@pytest.mark.cpu_only
 def test_depthwise_forms_agree_in_outputs_and_gradients(form, kernel, stride, size):
   x = jax.random.normal(jax.random.PRNGKey(0), (3, size, size, 6))
   w = jax.random.normal(jax.random.PRNGKey(1), (kernel, kernel, 1, 6))
   expected, expected_grads = _outputs_and_gradients(
-      lambda x, w: models.depthwise_native(x, w, stride), x, w)
+    lambda x, w: models.depthwise_native(x, w, stride), x, w
+  )
   out, grads = _outputs_and_gradients(lambda x, w: models.DEPTHWISE[form](x, w, stride), x, w)
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
   for a, b in zip(grads, expected_grads):
@@ -137,17 +151,20 @@ def test_depthwise_forms_agree_in_outputs_and_gradients(form, kernel, stride, si
 
 
 @pytest.mark.parametrize('kernel, stride, size', [(1, 1, 5), (3, 2, 9), (3, 2, 8), (5, 1, 6)])
+@pytest.mark.cpu_only
 def test_conv_forms_agree_in_outputs_and_gradients(kernel, stride, size):
   x = jax.random.normal(jax.random.PRNGKey(0), (2, size, size, 5))
   w = jax.random.normal(jax.random.PRNGKey(1), (kernel, kernel, 5, 7))
   expected, expected_grads = _outputs_and_gradients(
-      lambda x, w: models.conv_native(x, w, stride), x, w)
+    lambda x, w: models.conv_native(x, w, stride), x, w
+  )
   out, grads = _outputs_and_gradients(lambda x, w: models.CONV['matmul'](x, w, stride), x, w)
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
   for a, b in zip(grads, expected_grads):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.cpu_only
 def test_depthwise_kernel_is_used_on_cpu_and_checks_its_dtype():
   # The CPU default builds the C++ kernels (the README's set-up installs g++).
   assert models.create('mnasnet_small', dtype='float32').depthwise == 'kernel'
@@ -157,24 +174,36 @@ def test_depthwise_kernel_is_used_on_cpu_and_checks_its_dtype():
     models.DEPTHWISE['kernel'](x, jnp.zeros((3, 3, 1, 2), jnp.bfloat16), 1)
 
 
+@pytest.mark.cpu_only
 def test_cpu_forms_agree_with_native_in_whole_model():
   # Stem, kernels 3/5/7, strides 1/2, SE, expansion, a k x k conv op and BN in training mode:
   # every path a conv and a BN take in a model.
-  arch = ['r1_k3_s11_e1_i32_o16', 'r2_k5_s22_e6_i16_o24_se0.25', 'r1_k7_s22_e3_i24_o32',
-          'r1_k3_s22_e1_i32_o40_conv']
+  arch = [
+    'r1_k3_s11_e1_i32_o16',
+    'r2_k5_s22_e6_i16_o24_se0.25',
+    'r1_k7_s22_e3_i24_o32',
+    'r1_k3_s22_e1_i32_o40_conv',
+  ]
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
   variables = None
 
   def loss_and_grad(depthwise, conv, batch_norm):
     nonlocal variables
-    model = models.create(arch, num_classes=10, depthwise=depthwise, conv=conv,
-                          batch_norm=batch_norm)
+    model = models.create(
+      arch, num_classes=10, depthwise=depthwise, conv=conv, batch_norm=batch_norm
+    )
     variables = variables or jax.jit(model.init)(jax.random.PRNGKey(0), x)
 
     def loss(params):
-      logits, _ = model.apply({**variables, 'params': params}, x, train=True,
-                              mutable=['batch_stats'], rngs={'dropout': jax.random.PRNGKey(1)})
-      return jnp.mean(logits ** 2)
+      logits, _ = model.apply(
+        {**variables, 'params': params},
+        x,
+        train=True,
+        mutable=['batch_stats'],
+        rngs={'dropout': jax.random.PRNGKey(1)},
+      )
+      return jnp.mean(logits**2)
+
     return jax.jit(jax.value_and_grad(loss))(variables['params'])
 
   loss_a, grads_a = loss_and_grad('native', 'native', 'autodiff')
@@ -189,6 +218,7 @@ def test_cpu_forms_agree_with_native_in_whole_model():
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
 
 
+@pytest.mark.cpu_only
 def test_depthwise_kernel_build_failure_is_reported(tmp_path, monkeypatch):
   monkeypatch.setenv('MNASNET_JAX_CACHE', str(tmp_path))
   monkeypatch.setenv('CXX', 'false')  # a "compiler" that always fails
@@ -200,15 +230,20 @@ def test_depthwise_kernel_build_failure_is_reported(tmp_path, monkeypatch):
 def test_platform_picks_the_forms_by_backend_and_refuses_cpu_only_ones_elsewhere():
   assert [platform.conv_form(backend=b) for b in ('cpu', 'tpu')] == ['matmul', 'native']
   assert [platform.batch_norm_form(backend=b) for b in ('cpu', 'tpu')] == [
-      'closed_form', 'autodiff']
+    'closed_form',
+    'autodiff',
+  ]
   assert platform.depthwise_form(backend='gpu') == 'native'
   # Forms in XLA alone run anywhere when set; the C++ custom call only on CPU.
   assert platform.depthwise_form('shifted', backend='tpu') == 'shifted'
   assert platform.conv_form('matmul', backend='tpu') == 'matmul'
   assert platform.depthwise_form('kernel', backend='cpu') == 'kernel'
-  with pytest.raises(errors.UserError, match=r"depthwise form 'kernel' is an XLA:CPU custom "
-                     r"call and this run is on tpu: expected \"auto\" or one of "
-                     r"\('native', 'shifted'\)"):
+  with pytest.raises(
+    errors.UserError,
+    match=r"depthwise form 'kernel' is an XLA:CPU custom "
+    r'call and this run is on tpu: expected \"auto\" or one of '
+    r"\('native', 'shifted'\)",
+  ):
     platform.depthwise_form('kernel', backend='tpu')
   with pytest.raises(errors.UserError, match="batch_norm form must be .* got 'folded'"):
     platform.batch_norm_form('folded')

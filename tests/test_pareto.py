@@ -8,8 +8,10 @@ from mnasnet_jax import pareto
 
 
 def _dominated(i, acc, lat):
-  return any((acc[j] >= acc[i] and lat[j] <= lat[i]) and (acc[j] > acc[i] or lat[j] < lat[i])
-             for j in range(len(acc)))
+  return any(
+    (acc[j] >= acc[i] and lat[j] <= lat[i]) and (acc[j] > acc[i] or lat[j] < lat[i])
+    for j in range(len(acc))
+  )
 
 
 def test_front_matches_brute_force():
@@ -38,19 +40,48 @@ def _records():
   for t in range(30):
     lat = float(rng.uniform(1, 3))
     acc = float(0.6 + 0.1 * np.log(lat) + rng.normal(0, 0.01))
-    out.append({'trial': t, 'step': t // 4, 'tokens': [t], 'blocks': [f'r1_k3_s11_e6_i16_o{8 * t + 8}'],
-                'accuracy': acc, 'latency_ms': lat, 'reward': acc * (lat / 2) ** -0.07,
-                'params': 1000 + t, 'macs': 10**6 * t, 'status': 'ok'})
-  out.append({'trial': 30, 'step': 7, 'tokens': [0], 'blocks': ['r1_k3_s11_e1_i32_o16'],
-              'accuracy': None, 'latency_ms': 1.5, 'reward': 0.0, 'params': 1, 'macs': 1,
-              'status': 'failed', 'reason': 'TrainingDiverged'})
+    out.append(
+      {
+        'trial': t,
+        'step': t // 4,
+        'tokens': [t],
+        'blocks': [f'r1_k3_s11_e6_i16_o{8 * t + 8}'],
+        'accuracy': acc,
+        'latency_ms': lat,
+        'reward': acc * (lat / 2) ** -0.07,
+        'params': 1000 + t,
+        'macs': 10**6 * t,
+        'status': 'ok',
+      }
+    )
+  out.append(
+    {
+      'trial': 30,
+      'step': 7,
+      'tokens': [0],
+      'blocks': ['r1_k3_s11_e1_i32_o16'],
+      'accuracy': None,
+      'latency_ms': 1.5,
+      'reward': 0.0,
+      'params': 1,
+      'macs': 1,
+      'status': 'failed',
+      'reason': 'TrainingDiverged',
+    }
+  )
   return out
 
 
 def test_report_files(tmp_path):
   records = _records()
-  paths = pareto.write_report(records, str(tmp_path), target_ms=2.0, top_k=3,
-                              train_config='configs/train.py:local', description='test search')
+  paths = pareto.write_report(
+    records,
+    str(tmp_path),
+    target_ms=2.0,
+    top_k=3,
+    train_config='configs/train.py:local',
+    description='test search',
+  )
   summary = json.load(open(paths['pareto.json']))
   assert summary['children'] == 31 and summary['evaluated'] == 30
   ok = records[:30]
@@ -60,8 +91,10 @@ def test_report_files(tmp_path):
   assert summary['best'] == [r['trial'] for r in by_reward]
   best = open(paths['best.md']).read()
   top = by_reward[0]
-  assert (f'python launch/main.py --config=configs/train.py:local --config.arch={top["blocks"][0]} '
-          in best)
+  assert (
+    f'python launch/main.py --config=configs/train.py:local --config.arch={top["blocks"][0]} '
+    in best
+  )
   assert f'| 1 | {top["trial"]} |' in best
   for name in ('pareto.png', 'latency_histogram.png'):
     assert open(paths[name], 'rb').read(8) == b'\x89PNG\r\n\x1a\n'

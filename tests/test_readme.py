@@ -15,26 +15,51 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # runs every README command: minutes
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST_COMMAND = ['python3', '-m', 'pytest', '-q', 'tests']
 
 # Arguments appended to a command (later flags win) so it runs in seconds; keyed by what it runs.
 SMALL = {
-    'configs/search.py:local': ['--config.search.num_children=1', '--config.search.children_per_step=1',
-                                '--config.proxy.num_steps=2', '--config.proxy.eval_examples=100',
-                                '--config.proxy.bn_recalibration_batches=1'],
-    'configs/train.py:local': ['--config.num_steps=2', '--config.eval_every_steps=2',
-                               '--config.eval_examples=100', '--config.checkpoint_every_steps=2'],
-    'configs/export.py:local': [],
-    'configs/models.py': [],
-    # A phone's table of the fixed MobileNetV2 network alone, at 32 px.
-    'configs/profile_latency.py': ['--config.resolution=32', '--config.num_classes=10',
-                                   '--config.search_space.searched_blocks=()',
-                                   "--config.architectures=('mobilenet_v2',)"],
-    'benchmarks/train_step.py': ['--arch=mnasnet_small', '--batch=2', '--resolution=32', '--steps=1',
-                                 '--infer_runs=1', '--depthwise=auto'],
-    'benchmarks/controller.py': ['--samples=64', '--seeds=1'],
-    'benchmarks/latency_table.py': ['--table=litert_cpu_32.json', '--num_random=2', '--batch=2000'],
+  'configs/search.py:local': [
+    '--config.search.num_children=1',
+    '--config.search.children_per_step=1',
+    '--config.proxy.num_steps=2',
+    '--config.proxy.eval_examples=100',
+    '--config.proxy.bn_recalibration_batches=1',
+  ],
+  'configs/train.py:local': [
+    '--config.num_steps=2',
+    '--config.eval_every_steps=2',
+    '--config.eval_examples=100',
+    '--config.checkpoint_every_steps=2',
+  ],
+  'configs/export.py:local': [],
+  'configs/models.py': [],
+  # A phone's table of the fixed MobileNetV2 network alone, at 32 px.
+  'configs/profile_latency.py': [
+    '--config.resolution=32',
+    '--config.num_classes=10',
+    '--config.search_space.searched_blocks=()',
+    "--config.architectures=('mobilenet_v2',)",
+  ],
+  'benchmarks/train_step.py': [
+    '--arch=mnasnet_small',
+    '--batch=2',
+    '--resolution=32',
+    '--steps=1',
+    '--infer_runs=1',
+    '--depthwise=auto',
+  ],
+  'benchmarks/controller.py': ['--samples=64', '--seeds=1'],
+  'benchmarks/memory.py': [
+    '--archs=mobilenet_v2',
+    '--hosts=8',
+    '--resolution=32',
+    '--budgets_gib=0.5',
+  ],
+  'benchmarks/latency_table.py': ['--table=litert_cpu_32.json', '--num_random=2', '--batch=2000'],
 }
 # Commands that need ImageNet: without it each must stop at once with the how-to, no traceback.
 NEEDS_IMAGENET = ('configs/search.py', 'configs/train.py')
@@ -66,11 +91,13 @@ def what_it_runs(argv):
 
 def test_setup_and_test_commands_are_what_ci_runs():
   ci = open(os.path.join(ROOT, '.ci', 'run')).read()
-  ci_commands = [shlex.split(l) for l in ci.splitlines() if l.strip() and not l.lstrip().startswith('#')]
+  ci_commands = [
+    shlex.split(l) for l in ci.splitlines() if l.strip() and not l.lstrip().startswith('#')
+  ]
   setup = [c for c in readme_commands() if c[0] in ('apt-get', 'pip')]
   assert len(setup) == 4
   for command in setup:
-    assert command in ci_commands, f'.ci/run does not run the README\'s {shlex.join(command)!r}'
+    assert command in ci_commands, f".ci/run does not run the README's {shlex.join(command)!r}"
   assert TEST_COMMAND in readme_commands()
   assert ci_commands[-1] == TEST_COMMAND  # the last thing CI does is the README's test command
 
@@ -92,7 +119,10 @@ def test_every_readme_command_runs(tmp_path, fake_adb, fake_gcloud):
     if argv[0] == 'python':
       key = what_it_runs(argv)
       if key in NEEDS_IMAGENET:
-        argv += [f'--config.data.data_dir={tmp_path}/tfds', f'--config.data.manual_dir={tmp_path}/m']
+        argv += [
+          f'--config.data.data_dir={tmp_path}/tfds',
+          f'--config.data.manual_dir={tmp_path}/m',
+        ]
       elif key in SMALL:
         argv += SMALL[key]
       else:
@@ -115,4 +145,6 @@ def test_every_readme_command_runs(tmp_path, fake_adb, fake_gcloud):
   flags = lambda call: {a for a in call if a.startswith('--') and not a.startswith('--command=')}
   assert shown[:5] == run_call[:5] and flags(shown) == flags(run_call) >= {'--worker=all'}
   shown_command = next(a for a in shown if a.startswith('--command='))
-  assert shown_command.split('--config=')[1] in next(a for a in run_call if a.startswith('--command='))
+  assert shown_command.split('--config=')[1] in next(
+    a for a in run_call if a.startswith('--command=')
+  )

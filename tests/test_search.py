@@ -24,8 +24,11 @@ from mnasnet_jax.configs import train as train_config
 
 def tiny_table(path: str) -> str:
   """A latency table covering the tiny space: each layer's entry grows with its multiply-adds."""
-  from mnasnet_jax import blocks, models, search_space
+  from mnasnet_jax import blocks
+  from mnasnet_jax import models
+  from mnasnet_jax import search_space
   from mnasnet_jax.latency import table as table_lib
+
   space = search_space.SearchSpace(_space_config())
   entries = {}
   for tokens in itertools.product(*[range(c) for c in space.choices]):
@@ -33,10 +36,11 @@ def tiny_table(path: str) -> str:
     layers = blocks.layers(arch.blocks, arch.stem_filters, blocks.same_output_size(16, 2))
     for layer in layers:
       entries[table_lib.layer_key(layer)] = {'ms': 0.02 + models.layer_cost(layer)[1] / 1e5}
-    for key in table_lib.network_units(arch, 16, 4)[::len(layers) + 1]:  # stem and head
+    for key in table_lib.network_units(arch, 16, 4)[:: len(layers) + 1]:  # stem and head
       entries[key] = {'ms': 0.05}
-  table = table_lib.LatencyTable(entries, resolution=16, num_classes=4, backend='test',
-                                 device={'name': 'tests/test_search.py'})
+  table = table_lib.LatencyTable(
+    entries, resolution=16, num_classes=4, backend='test', device={'name': 'tests/test_search.py'}
+  )
   return table.save(path)
 
 
@@ -76,15 +80,20 @@ def tiny_config(table_path: str, num_children=4, children_per_step=2, cache_dir=
 
 def _history(workdir):
   from mnasnet_jax import history
+
   return history.read(os.path.join(workdir, 'history.jsonl'))
 
 
 # --- in-process -----------------------------------------------------------------------------------
 
+
 def test_failed_child_is_recorded_and_search_goes_on(tmp_path, monkeypatch):
-  from mnasnet_jax import search, train
-  config = tiny_config(tiny_table(str(tmp_path / 'table.json')), num_children=3,
-                       children_per_step=3)
+  from mnasnet_jax import search
+  from mnasnet_jax import train
+
+  config = tiny_config(
+    tiny_table(str(tmp_path / 'table.json')), num_children=3, children_per_step=3
+  )
   config.search.failure_reward = -0.5
   real = train.proxy_train
   calls = []
@@ -108,14 +117,19 @@ def test_failed_child_is_recorded_and_search_goes_on(tmp_path, monkeypatch):
   assert records[2]['reason'] == 'RuntimeError: out of memory'
   assert records[1]['reward'] == records[2]['reward'] == -0.5
   from mnasnet_jax import reward
+
   for r in records[:1]:
     assert 0.0 <= r['accuracy'] <= 1.0
     expected = r['accuracy'] * (r['latency_ms'] / 0.5) ** -0.07  # the soft reward by hand
     assert r['reward'] == pytest.approx(expected, rel=1e-6)
-    assert r['reward'] == pytest.approx(float(reward.compute(config.reward, r['accuracy'],
-                                                             r['latency_ms'], 0.5)), rel=1e-6)
+    assert r['reward'] == pytest.approx(
+      float(reward.compute(config.reward, r['accuracy'], r['latency_ms'], 0.5)), rel=1e-6
+    )
   # Latency, params and multiply-adds are the table's and models.summary's for the decoded blocks.
-  from mnasnet_jax import latency, models, search_space
+  from mnasnet_jax import latency
+  from mnasnet_jax import models
+  from mnasnet_jax import search_space
+
   space = search_space.SearchSpace(config.search_space)
   table = latency.LatencyTable.load(config.latency.table)
   for r in records:
@@ -125,14 +139,18 @@ def test_failed_child_is_recorded_and_search_goes_on(tmp_path, monkeypatch):
     assert r['params'] == models.summary(arch, resolution=16, num_classes=4)['params']
   summary = json.load(open(os.path.join(workdir, 'pareto.json')))
   assert summary['children'] == 3 and summary['evaluated'] == 1
-  assert 'python launch/main.py --config=configs/train.py:local --config.arch=' in open(
-      os.path.join(workdir, 'best.md')).read()
+  assert (
+    'python launch/main.py --config=configs/train.py:local --config.arch='
+    in open(os.path.join(workdir, 'best.md')).read()
+  )
   assert os.listdir(os.path.join(workdir, 'jax_cache'))  # the persistent compilation cache
   assert any(f.startswith('events.out.tfevents') for f in os.listdir(workdir))
 
 
 def test_target_latency_defaults_to_mobilenet_v2():
-  from mnasnet_jax import latency, search
+  from mnasnet_jax import latency
+  from mnasnet_jax import search
+
   config = search_config.get_config('local')
   table = latency.LatencyTable.load(config.latency.table)
   config.reward.target_ms = None
@@ -145,7 +163,9 @@ def test_target_latency_defaults_to_mobilenet_v2():
 
 
 def test_default_config_without_imagenet_fails_at_once(tmp_path):
-  from mnasnet_jax import input_pipeline, search
+  from mnasnet_jax import input_pipeline
+  from mnasnet_jax import search
+
   config = search_config.get_config()
   config.data.data_dir = str(tmp_path / 'tfds')
   config.data.manual_dir = str(tmp_path / 'manual')
@@ -154,16 +174,22 @@ def test_default_config_without_imagenet_fails_at_once(tmp_path):
   assert not os.path.exists(tmp_path / 'work')
 
 
-@pytest.mark.parametrize('key, value, message', [
+@pytest.mark.parametrize(
+  'key, value, message',
+  [
     ('search.num_children', -3, 'config.search.num_children = -3: expected at least 1'),
     ('search.children_per_step', 0, 'config.search.children_per_step = 0: expected at least 1'),
     ('reward.kind', 'bogus', "unknown reward kind 'bogus'"),
     ('controller.strategy', 'bogus', "unknown strategy 'bogus'"),
     ('latency.table', '/nonexistent/table.json', "'/nonexistent/table.json': no such file"),
     ('reward.target_ms', -1.0, 'target_ms = -1.0'),
-])
+  ],
+)
 def test_config_mistakes_fail_before_the_data_loads(tmp_path, monkeypatch, key, value, message):
-  from mnasnet_jax import errors, input_pipeline, search
+  from mnasnet_jax import errors
+  from mnasnet_jax import input_pipeline
+  from mnasnet_jax import search
+
   config = search_config.get_config('local')
   section, field = key.split('.')
   config[section][field] = value
@@ -177,6 +203,7 @@ def _fake_training(monkeypatch, outcomes=None):
   """Replaces proxy training: trial t scores 0.5 + t / 100, or raises `outcomes[t]`; returns the
   trials trained, in order."""
   from mnasnet_jax import train
+
   trained = []
 
   def proxy_train(proxy, arch, data, seed=0, devices=None):
@@ -193,6 +220,7 @@ def _fake_training(monkeypatch, outcomes=None):
 def _spy_tell(monkeypatch):
   """The (tokens, rewards) each call of PPO.tell receives."""
   from mnasnet_jax import controller
+
   told, tell = [], controller.PPO.tell
 
   def spy(self, state, tokens, rewards):
@@ -205,9 +233,12 @@ def _spy_tell(monkeypatch):
 
 def test_child_that_does_not_fit_is_oom_and_left_out_of_the_update(tmp_path, monkeypatch):
   """num_children = 6 at 4 a step: exactly 6 children, the last step samples the remaining 2."""
-  from mnasnet_jax import search, train
-  config = tiny_config(tiny_table(str(tmp_path / 'table.json')), num_children=6,
-                       children_per_step=4)
+  from mnasnet_jax import search
+  from mnasnet_jax import train
+
+  config = tiny_config(
+    tiny_table(str(tmp_path / 'table.json')), num_children=6, children_per_step=4
+  )
   config.search.compilation_cache = False
   config.search.max_consecutive_failures = 1  # an oom child is not a failure of the setup
   trained = _fake_training(monkeypatch, {1: train.DoesNotFit('fits no micro-batch in 16 GiB')})
@@ -220,9 +251,13 @@ def test_child_that_does_not_fit_is_oom_and_left_out_of_the_update(tmp_path, mon
   assert [r['status'] for r in records] == ['ok', 'oom', 'ok', 'ok', 'ok', 'ok']
   assert records[1]['reward'] is None and records[1]['accuracy'] is None
   assert records[1]['reason'] == 'DoesNotFit: fits no micro-batch in 16 GiB'
-  expected = [([r['tokens'] for r in records if r['step'] == step and r['status'] == 'ok'],
-               [pytest.approx(r['reward']) for r in records
-                if r['step'] == step and r['status'] == 'ok']) for step in (0, 1)]
+  expected = [
+    (
+      [r['tokens'] for r in records if r['step'] == step and r['status'] == 'ok'],
+      [pytest.approx(r['reward']) for r in records if r['step'] == step and r['status'] == 'ok'],
+    )
+    for step in (0, 1)
+  ]
   assert told == expected  # step 0 tells 3 children, not 4 with a reward of 0
   # Resumed from the start, the history's children are told again, the oom one still left out.
   shutil.rmtree(os.path.join(workdir, 'checkpoints'))
@@ -234,18 +269,23 @@ def test_child_that_does_not_fit_is_oom_and_left_out_of_the_update(tmp_path, mon
 
 
 def test_failure_limit_counts_failed_children_in_trial_order(tmp_path, monkeypatch):
-  from mnasnet_jax import search, train
-  config = tiny_config(tiny_table(str(tmp_path / 'table.json')), num_children=6,
-                       children_per_step=3)
+  from mnasnet_jax import search
+  from mnasnet_jax import train
+
+  config = tiny_config(
+    tiny_table(str(tmp_path / 'table.json')), num_children=6, children_per_step=3
+  )
   config.search.compilation_cache = False
   config.search.max_consecutive_failures = 2
   broken = RuntimeError('no such file: /data/shard-3')
   _fake_training(monkeypatch, {1: broken, 2: train.DoesNotFit('too wide'), 3: broken})
   workdir = str(tmp_path / 'work')
   # Trial 2 does not fit: it neither counts nor resets, so trial 3 is the second failure in a row.
-  with pytest.raises(search.TooManyFailures,
-                     match=r'^2 children failed in a row \(last: trial 3, RuntimeError: no such '
-                           r'file: /data/shard-3\); this looks like a broken setup'):
+  with pytest.raises(
+    search.TooManyFailures,
+    match=r'^2 children failed in a row \(last: trial 3, RuntimeError: no such '
+    r'file: /data/shard-3\); this looks like a broken setup',
+  ):
     search.run(config, workdir)
   assert len(_history(workdir)) == 6  # the step's children are all trained and kept first
   # Fixed and resumed: the recorded failures are not counted again, nothing is trained again.
@@ -255,10 +295,13 @@ def test_failure_limit_counts_failed_children_in_trial_order(tmp_path, monkeypat
 
 
 @pytest.mark.parametrize('damaged, only_arrays', [([2], True), ([2], False), ([2, 1], False)])
-def test_unreadable_checkpoint_resumes_from_the_newest_readable(tmp_path, monkeypatch, caplog,
-                                                                damaged, only_arrays):
+def test_unreadable_checkpoint_resumes_from_the_newest_readable(
+  tmp_path, monkeypatch, caplog, damaged, only_arrays
+):
   import jax
+
   from mnasnet_jax import search
+
   config = tiny_config(tiny_table(str(tmp_path / 'table.json')))
   config.search.compilation_cache = False
   _fake_training(monkeypatch)
@@ -289,12 +332,15 @@ def test_unreadable_checkpoint_resumes_from_the_newest_readable(tmp_path, monkey
 
 # --- subprocesses: kill -9 and two processes -------------------------------------------------------
 
+
 def _worker(workdir, table_path, num_processes, process_id, port, cache_dir):
   import jax
+
   jax.config.update('jax_num_cpu_devices', 1)  # no cross-device sums: bit-for-bit repeatable
   if num_processes > 1:
     jax.distributed.initialize(f'127.0.0.1:{port}', num_processes, process_id)
   from mnasnet_jax import search
+
   config = tiny_config(table_path, cache_dir=cache_dir)
   state = search.run(config, workdir)
   leaves = jax.tree_util.tree_leaves(state)
@@ -310,9 +356,21 @@ def cache_dir(tmp_path_factory):
 def _spawn(workdir, table_path, cache_dir, num_processes=1, process_id=0, port=0):
   os.makedirs(workdir, exist_ok=True)
   log = open(os.path.join(workdir, f'worker_{process_id}.log'), 'a')  # a pipe left unread blocks
-  proc = subprocess.Popen([sys.executable, __file__, 'worker', workdir, table_path,
-                           str(num_processes), str(process_id), str(port), cache_dir],
-                          stdout=log, stderr=subprocess.STDOUT)
+  proc = subprocess.Popen(
+    [
+      sys.executable,
+      __file__,
+      'worker',
+      workdir,
+      table_path,
+      str(num_processes),
+      str(process_id),
+      str(port),
+      cache_dir,
+    ],
+    stdout=log,
+    stderr=subprocess.STDOUT,
+  )
   proc.log_path = log.name
   return proc
 
@@ -323,10 +381,13 @@ def _finish(proc, timeout=600):
 
 
 def _states(workdir, n):
-  return [[f[k] for k in sorted(f.files, key=lambda s: int(s.split('_')[1]))]
-          for f in (np.load(os.path.join(workdir, f'state_{i}.npz')) for i in range(n))]
+  return [
+    [f[k] for k in sorted(f.files, key=lambda s: int(s.split('_')[1]))]
+    for f in (np.load(os.path.join(workdir, f'state_{i}.npz')) for i in range(n))
+  ]
 
 
+@pytest.mark.slow
 def test_kill_9_and_resume_samples_the_same_sequence(tmp_path, cache_dir):
   table_path = tiny_table(str(tmp_path / 'table.json'))
   straight, killed = str(tmp_path / 'straight'), str(tmp_path / 'killed')
@@ -347,13 +408,14 @@ def test_kill_9_and_resume_samples_the_same_sequence(tmp_path, cache_dir):
   a, b = _history(straight), _history(killed)
   assert [r['trial'] for r in b] == list(range(4))  # each child once, none lost
   assert [r['tokens'] for r in a] == [r['tokens'] for r in b]  # the same sequence of children
-  assert b[:len(recorded)] == recorded  # recorded children were kept as they were
+  assert b[: len(recorded)] == recorded  # recorded children were kept as they were
   for x, y in zip(a, b):
     assert x['accuracy'] == pytest.approx(y['accuracy'], abs=1e-6)
   for x, y in zip(*[_states(w, 1)[0] for w in (straight, killed)]):
     np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_two_processes_share_the_children_and_agree(tmp_path, cache_dir):
   table_path = tiny_table(str(tmp_path / 'table.json'))
   workdir = str(tmp_path / 'work')
@@ -375,5 +437,6 @@ def test_two_processes_share_the_children_and_agree(tmp_path, cache_dir):
 
 
 if __name__ == '__main__' and sys.argv[1] == 'worker':
-  _worker(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]),
-          sys.argv[7])
+  _worker(
+    sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), sys.argv[7]
+  )

@@ -3,11 +3,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mnasnet_jax.configs.search import get_config
 from mnasnet_jax import blocks
 from mnasnet_jax import errors
 from mnasnet_jax import models
 from mnasnet_jax import search_space
+from mnasnet_jax.configs.search import get_config
 
 
 @pytest.fixture(scope='module')
@@ -20,7 +20,7 @@ def random_tokens(space, rng, n):
 
 
 def test_default_space_is_the_papers(space):
-  assert space.size == 432 ** 7
+  assert space.size == 432**7
   assert space.choices == (4, 2, 2, 3, 3, 3) * 7
   assert space.stem_filters == 32
 
@@ -41,9 +41,14 @@ def test_decoding_by_hand(space):
   # Block 6: mbconv3, k3, no SE, no skip, x0.75, +1 layers.
   tokens = [0, 1, 1, 0, 2, 0] + [3, 0, 0, 1, 1, 1] * 5 + [2, 0, 0, 2, 0, 2]
   assert space.decode(tokens) == [
-      'r0_k5_s11_e1_i32_o24_se0.25_conv_poolskip', 'r2_k3_s22_e6_i32_o24', 'r3_k3_s22_e6_i24_o32',
-      'r4_k3_s22_e6_i32_o64', 'r3_k3_s11_e6_i64_o96', 'r3_k3_s22_e6_i96_o160',
-      'r2_k3_s11_e3_i160_o240_noskip']
+    'r0_k5_s11_e1_i32_o24_se0.25_conv_poolskip',
+    'r2_k3_s22_e6_i32_o24',
+    'r3_k3_s22_e6_i24_o32',
+    'r4_k3_s22_e6_i32_o64',
+    'r3_k3_s11_e6_i64_o96',
+    'r3_k3_s22_e6_i96_o160',
+    'r2_k3_s11_e3_i160_o240_noskip',
+  ]
 
 
 def test_round_trips_over_random_tokens(space):
@@ -65,15 +70,21 @@ def test_round_trips_over_random_tokens(space):
       width = block.out_filters if block.repeats else width
 
 
-@pytest.mark.parametrize('tokens, message', [
+@pytest.mark.parametrize(
+  'tokens, message',
+  [
     ([0] * 41, 'expected 42 tokens'),
     ([0] * 43, 'expected 42 tokens'),
-    ([0] * 6 + [4] + [0] * 35, r'token 4 at position 6 \(block 1, conv_op\): expected an integer in 0..3'),
+    (
+      [0] * 6 + [4] + [0] * 35,
+      r'token 4 at position 6 \(block 1, conv_op\): expected an integer in 0..3',
+    ),
     ([0] * 41 + [3], r'position 41 \(block 6, layers\)'),
     ([0] * 10 + [-1] + [0] * 31, 'position 10'),
     ([0] * 5 + [1.5] + [0] * 36, 'position 5'),
     ([0] * 5 + ['x'] + [0] * 36, 'position 5'),
-])
+  ],
+)
 def test_bad_tokens(space, tokens, message):
   with pytest.raises(ValueError, match=message):
     space.decode(tokens)
@@ -113,18 +124,26 @@ def test_fixed_blocks_keep_base_strings_with_consistent_widths():
   assert space.choices == (4, 2, 2, 3, 3, 3) * 2
   strings = space.decode([3, 1, 1, 1, 2, 2] + [0, 0, 0, 0, 0, 0])
   assert strings == [
-      'r1_k3_s11_e1_i32_o16', 'r3_k5_s22_e6_i16_o32_se0.25', 'r3_k3_s22_e6_i32_o32',
-      'r4_k3_s22_e6_i32_o64', 'r3_k3_s11_e6_i64_o96', 'r2_k3_s22_e1_i96_o120_conv_poolskip',
-      'r1_k3_s11_e6_i120_o320']
+    'r1_k3_s11_e1_i32_o16',
+    'r3_k5_s22_e6_i16_o32_se0.25',
+    'r3_k3_s22_e6_i32_o32',
+    'r4_k3_s22_e6_i32_o64',
+    'r3_k3_s11_e6_i64_o96',
+    'r2_k3_s22_e1_i96_o120_conv_poolskip',
+    'r1_k3_s11_e6_i120_o320',
+  ]
 
 
-@pytest.mark.parametrize('field, value, message', [
+@pytest.mark.parametrize(
+  'field, value, message',
+  [
     ('layer_deltas', (-2, 0, 1), r'block 0 \(r1_k3_s11_e1_i32_o16\) could have -1 layers'),
     ('conv_ops', ('conv', 'mbconv'), "unknown conv op 'mbconv'"),
     ('skip_ops', ('pool', 'residual'), "unknown skip op 'residual'"),
     ('kernels', (3, 4), 'kernel 4'),
     ('searched_blocks', (0, 7), 'searched block 7'),
-])
+  ],
+)
 def test_bad_configs(field, value, message):
   config = get_config().search_space
   config[field] = value
@@ -157,8 +176,10 @@ def test_decoded_networks_build_and_match_summary(space):
     arch = space.decode(tokens)
     model = models.create(arch, num_classes=10)
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
-    assert models.count_params(shapes['params']) == models.summary(
-        arch, resolution=32, num_classes=10)['params']
+    assert (
+      models.count_params(shapes['params'])
+      == models.summary(arch, resolution=32, num_classes=10)['params']
+    )
 
 
 def test_a_strided_block_may_not_be_removed():

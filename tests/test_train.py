@@ -7,7 +7,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mnasnet_jax import input_pipeline, platform, train
+from mnasnet_jax import input_pipeline
+from mnasnet_jax import platform
+from mnasnet_jax import train
 from mnasnet_jax.configs import search as search_config
 from mnasnet_jax.configs import train as train_config
 
@@ -17,9 +19,18 @@ ARCH = ['r1_k3_s11_e1_i32_o16_noskip', 'r1_k3_s22_e3_i16_o24_se0.25']
 def _train_config(**overrides):
   config = train_config.get_config('local')
   config.arch = ','.join(ARCH)
-  config.data = ml_collections.ConfigDict(dict(
-      dataset='synthetic', split='full', image_size=16, num_classes=4, num_train=256, num_eval=64,
-      holdout=32, split_seed=0))
+  config.data = ml_collections.ConfigDict(
+    dict(
+      dataset='synthetic',
+      split='full',
+      image_size=16,
+      num_classes=4,
+      num_train=256,
+      num_eval=64,
+      holdout=32,
+      split_seed=0,
+    )
+  )
   config.depth_multiplier = 0.5
   config.batch_size, config.eval_batch_size = 32, 32
   config.log_every_steps = config.eval_every_steps = 4
@@ -40,8 +51,10 @@ def _setup(config, devices, state=None):
 def _batches(n):
   """Batches as the model sees them (the data's uint8 normalised as the steps do on the device)."""
   data = input_pipeline.create(_train_config().data, 'full')
-  return [(np.asarray(train.normalise(images, (data.mean, data.std))), labels)
-          for _, (images, labels) in zip(range(n), data.train_batches(32, seed=0))]
+  return [
+    (np.asarray(train.normalise(images, (data.mean, data.std))), labels)
+    for _, (images, labels) in zip(range(n), data.train_batches(32, seed=0))
+  ]
 
 
 def test_shard_map_equals_pmap_and_one_device():
@@ -69,12 +82,15 @@ def test_shard_map_equals_pmap_and_one_device():
   reference = results['mesh8']
   assert int(reference[0].step) == 2
   for name in ('pmap', 'mesh1'):
-    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=2e-3, atol=2e-5),
-                 results[name], reference)
+    jax.tree.map(
+      functools.partial(np.testing.assert_allclose, rtol=2e-3, atol=2e-5), results[name], reference
+    )
   # Training moved the weights, the BN statistics and the average.
-  moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()),
-                       (reference[0].params, reference[0].batch_stats, reference[0].ema_params),
-                       (initial.params, initial.batch_stats, initial.ema_params))
+  moved = jax.tree.map(
+    lambda a, b: float(np.abs(a - b).max()),
+    (reference[0].params, reference[0].batch_stats, reference[0].ema_params),
+    (initial.params, initial.batch_stats, initial.ema_params),
+  )
   assert min(jax.tree.leaves(moved)) > 0
 
 
@@ -82,16 +98,21 @@ def test_recalibrated_statistics_are_the_batches_own_on_8_devices():
   config = _train_config(bn_group_size=8)  # 4 images per device: a group spans 2 devices
   mesh, model, tx, schedule, state = _setup(config, jax.devices())
   batches = _batches(3)
-  stats_fn = train.data_parallel(functools.partial(train.batch_stats_step,
-                                                   model=model.clone(bn_momentum=0.0)), mesh, 1)
-  recalibrated = train.recalibrate_batch_stats(stats_fn, train.replicate(state, mesh), iter(batches),
-                                               3, mesh, use_ema=False)
+  stats_fn = train.data_parallel(
+    functools.partial(train.batch_stats_step, model=model.clone(bn_momentum=0.0)), mesh, 1
+  )
+  recalibrated = train.recalibrate_batch_stats(
+    stats_fn, train.replicate(state, mesh), iter(batches), 3, mesh, use_ema=False
+  )
   # By hand, for the stem's BN: the mean and (Bessel-corrected) variance of the stem conv's output
   # over each group of 8 images, averaged over the groups and the three batches.
   kernel = state.params['stem']['kernel']
-  outputs = [jax.lax.conv_general_dilated(images, kernel, (2, 2), 'SAME',
-                                          dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-             for images, _ in batches]
+  outputs = [
+    jax.lax.conv_general_dilated(
+      images, kernel, (2, 2), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+    )
+    for images, _ in batches
+  ]
   groups = np.concatenate([np.reshape(o, (4, -1, o.shape[-1])) for o in outputs])
   stem = jax.device_get(recalibrated.batch_stats['stem_bn'])
   np.testing.assert_allclose(stem['mean'], groups.mean(1).mean(0), rtol=1e-4, atol=1e-5)
@@ -111,23 +132,26 @@ def test_weight_penalty_skips_batchnorm_only():
   config = _train_config()
   _, _, _, _, state = _setup(config, jax.devices()[:1])
   flat = jax.tree_util.tree_flatten_with_path(state.params)[0]
-  expected = sum(0.5 * float(jnp.sum(w ** 2)) for path, w in flat
-                 if not str(path[-2].key).endswith('_bn'))
+  expected = sum(
+    0.5 * float(jnp.sum(w**2)) for path, w in flat if not str(path[-2].key).endswith('_bn')
+  )
   assert any(str(path[-2].key).endswith('_bn') for path, _ in flat)
-  np.testing.assert_allclose(float(train.weight_penalty(state.params, state.batch_stats)), expected,
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    float(train.weight_penalty(state.params, state.batch_stats)), expected, rtol=1e-5
+  )
 
 
 def test_ema_decay_warms_up_like_tf():
   np.testing.assert_allclose(train.ema_decay_at(0.9999, 0), 0.1)
   np.testing.assert_allclose(train.ema_decay_at(0.9999, 90), 0.91)
-  np.testing.assert_allclose(train.ema_decay_at(0.9999, 10 ** 7), 0.9999)
+  np.testing.assert_allclose(train.ema_decay_at(0.9999, 10**7), 0.9999)
 
 
 class _Killed(Exception):
   pass
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_like_an_uninterrupted_one(tmp_path, monkeypatch):
   config = _train_config(num_steps=8, num_epochs=0.0)
   full = train.train_and_evaluate(config, str(tmp_path / 'full'))
@@ -149,8 +173,11 @@ def test_killed_run_resumes_like_an_uninterrupted_one(tmp_path, monkeypatch):
   assert resumed == pytest.approx(full, rel=1e-4)
 
   import orbax.checkpoint as ocp
-  states = [ocp.CheckpointManager(str(tmp_path / run / 'checkpoints')).restore(8)
-            for run in ('full', 'resumed')]
+
+  states = [
+    ocp.CheckpointManager(str(tmp_path / run / 'checkpoints')).restore(8)
+    for run in ('full', 'resumed')
+  ]
   jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-7), *states)
   assert int(states[0]['step']) == 8 and files_in(tmp_path / 'full', 'events.out.tfevents')
 
@@ -164,13 +191,39 @@ def _proxy_config(**overrides):
   this toy problem's recipe."""
   config = _train_config()
   proxy = search_config.get_config('local').proxy
-  proxy.update({k: config[k] for k in (
-      'batch_size', 'eval_batch_size', 'base_learning_rate', 'warmup_epochs', 'lr_decay_rate',
-      'lr_decay_epochs', 'rmsprop_decay', 'momentum', 'rmsprop_epsilon', 'weight_decay',
-      'label_smoothing', 'dropout_rate', 'depth_multiplier', 'depthwise', 'conv',
-      'dtype')})
-  proxy.update(dict(num_steps=30, num_epochs=0.0, ema_decay=0.0, eval_examples=None,
-                    bn_momentum=0.8, bn_recalibration_batches=2))
+  proxy.update(
+    {
+      k: config[k]
+      for k in (
+        'batch_size',
+        'eval_batch_size',
+        'base_learning_rate',
+        'warmup_epochs',
+        'lr_decay_rate',
+        'lr_decay_epochs',
+        'rmsprop_decay',
+        'momentum',
+        'rmsprop_epsilon',
+        'weight_decay',
+        'label_smoothing',
+        'dropout_rate',
+        'depth_multiplier',
+        'depthwise',
+        'conv',
+        'dtype',
+      )
+    }
+  )
+  proxy.update(
+    dict(
+      num_steps=30,
+      num_epochs=0.0,
+      ema_decay=0.0,
+      eval_examples=None,
+      bn_momentum=0.8,
+      bn_recalibration_batches=2,
+    )
+  )
   proxy.update(overrides)
   return proxy
 
@@ -186,12 +239,17 @@ def test_proxy_train_learns_and_reports():
 def test_proxy_train_raises_on_divergence():
   data = input_pipeline.create_proxy_data(_train_config().data)
   with pytest.raises(train.TrainingDiverged, match='nan'):
-    train.proxy_train(_proxy_config(base_learning_rate=float('nan'), num_steps=2), ARCH, data,
-                      devices=jax.devices()[:1])
+    train.proxy_train(
+      _proxy_config(base_learning_rate=float('nan'), num_steps=2),
+      ARCH,
+      data,
+      devices=jax.devices()[:1],
+    )
 
 
 def test_proxy_train_raises_does_not_fit_when_no_micro_batch_fits():
   data = input_pipeline.create_proxy_data(_train_config().data)
   with pytest.raises(train.DoesNotFit, match='fits no micro-batch'):
-    train.proxy_train(_proxy_config(device_memory_gib=1e-6, num_steps=2), ARCH, data,
-                      devices=jax.devices()[:1])
+    train.proxy_train(
+      _proxy_config(device_memory_gib=1e-6, num_steps=2), ARCH, data, devices=jax.devices()[:1]
+    )

@@ -35,7 +35,8 @@ def parse_arg(arg, **spec) -> ml_collections.ConfigDict:
         parsed[key] = kind(text)
     except (KeyError, ValueError):
       raise errors.UserError(
-          f'config argument {item!r}: expected {_KINDS[kind]} for {key}') from None
+        f'config argument {item!r}: expected {_KINDS[kind]} for {key}'
+      ) from None
   return parsed
 
 
@@ -51,6 +52,7 @@ def image_size(arg) -> int:
   if arg.resolution is None:
     return 32 if arg.local else 224
   if arg.resolution < 1:
-    raise errors.UserError(f'config argument resolution={arg.resolution}: expected a positive '
-                           'image size in pixels')
+    raise errors.UserError(
+      f'config argument resolution={arg.resolution}: expected a positive image size in pixels'
+    )
   return arg.resolution

@@ -19,9 +19,14 @@ def search_space_config():
   # The base network: MobileNetV2 1.0's (t, c, n, s) table in MnasNet's layers, stem 32.
   space.stem_filters = 32
   space.base_blocks = (
-      'r1_k3_s11_e1_i32_o16', 'r2_k3_s22_e6_i16_o24', 'r3_k3_s22_e6_i24_o32',
-      'r4_k3_s22_e6_i32_o64', 'r3_k3_s11_e6_i64_o96', 'r3_k3_s22_e6_i96_o160',
-      'r1_k3_s11_e6_i160_o320')
+    'r1_k3_s11_e1_i32_o16',
+    'r2_k3_s22_e6_i16_o24',
+    'r3_k3_s22_e6_i24_o32',
+    'r4_k3_s22_e6_i32_o64',
+    'r3_k3_s11_e6_i64_o96',
+    'r3_k3_s22_e6_i96_o160',
+    'r1_k3_s11_e6_i160_o320',
+  )
   space.searched_blocks = (0, 1, 2, 3, 4, 5, 6)  # the others keep their base block string
   # The options of each decision (paper 4.2): 4 * 2 * 2 * 3 * 3 * 3 = 432 per searched block.
   space.conv_ops = ('conv', 'sepconv', 'mbconv3', 'mbconv6')
@@ -102,9 +107,23 @@ def data_and_proxy_config(arg=None):
   recipe = train.get_config(arg)
   data = recipe.data
   data.split = 'search'
-  proxy = ml_collections.ConfigDict({k: v for k, v in recipe.items() if k not in (
-      'job', 'arch', 'seed', 'data', 'log_every_steps', 'eval_every_steps',
-      'checkpoint_every_steps', 'checkpoints_to_keep')})
+  proxy = ml_collections.ConfigDict(
+    {
+      k: v
+      for k, v in recipe.items()
+      if k
+      not in (
+        'job',
+        'arch',
+        'seed',
+        'data',
+        'log_every_steps',
+        'eval_every_steps',
+        'checkpoint_every_steps',
+        'checkpoints_to_keep',
+      )
+    }
+  )
   # Steps between checks for a non-finite loss (a check waits for the device to catch up).
   proxy.check_every_steps = 20
   if common.parse_local_arg(arg).local:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 
 from mnasnet_jax import bn_groups
 
@@ -22,8 +22,9 @@ _AXES = (1, 2, 3)  # [groups, N / groups, H, W, C]: statistics per group and cha
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def normalize_batch(groups, mean, var, scale, bias, epsilon: float, axis_name: str | None,
-                    layout: bn_groups.Grouping):
+def normalize_batch(
+  groups, mean, var, scale, bias, epsilon: float, axis_name: str | None, layout: bn_groups.Grouping
+):
   """(x - mean) / sqrt(var + epsilon) * scale + bias over `bn_groups.split_groups` output, where
   (mean, var) are the groups' own `bn_groups.statistics`. The gradient with respect to `groups`
   includes the path through the statistics, so `mean` and `var` receive none of their own."""
@@ -42,10 +43,16 @@ def _normalize_batch_bwd(epsilon, axis_name, layout, residuals, grad):
   grad_scale = jnp.sum(grad * x_hat, _AXES, keepdims=True)
   count = groups[0].size // groups.shape[-1]
   mean_grad, mean_grad_x_hat = bn_groups.group_mean(
-      jnp.stack([grad_bias / count, grad_scale / count]), axis_name, layout)
+    jnp.stack([grad_bias / count, grad_scale / count]), axis_name, layout
+  )
   grad_x = (scale * rstd) * (grad - mean_grad - x_hat * mean_grad_x_hat)
-  return (grad_x.astype(groups.dtype), jnp.zeros_like(mean), jnp.zeros_like(var),
-          jnp.sum(grad_scale, (0, 1, 2, 3)), jnp.sum(grad_bias, (0, 1, 2, 3)))
+  return (
+    grad_x.astype(groups.dtype),
+    jnp.zeros_like(mean),
+    jnp.zeros_like(var),
+    jnp.sum(grad_scale, (0, 1, 2, 3)),
+    jnp.sum(grad_bias, (0, 1, 2, 3)),
+  )
 
 
 normalize_batch.defvjp(_normalize_batch_fwd, _normalize_batch_bwd)
@@ -57,5 +64,8 @@ class BatchNorm(bn_groups.BatchNorm):
 
   def normalize(self, groups, scale, bias, axis_name, layout):
     mean, var = lax.stop_gradient(bn_groups.statistics(groups, axis_name, layout))
-    return (normalize_batch(groups, mean, var, scale, bias, self.epsilon, axis_name, layout), mean,
-            var)
+    return (
+      normalize_batch(groups, mean, var, scale, bias, self.epsilon, axis_name, layout),
+      mean,
+      var,
+    )

@@ -20,10 +20,10 @@ import subprocess
 import tempfile
 import threading
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
 from mnasnet_jax import blocks as blocks_lib
 
@@ -42,16 +42,18 @@ def _cpu_identity() -> str:
 
 
 def cache_dir() -> str:
-  return os.environ.get('MNASNET_JAX_CACHE',
-                        os.path.join(os.path.expanduser('~'), '.cache', 'mnasnet_jax'))
+  return os.environ.get(
+    'MNASNET_JAX_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'mnasnet_jax')
+  )
 
 
 def _build() -> str:
   """Compiles the kernels unless a library for this source, jaxlib and CPU is cached; its path."""
   with open(SOURCE, 'rb') as f:
     source = f.read()
-  key = hashlib.sha256(source + jax.__version__.encode() + ' '.join(FLAGS).encode() +
-                       _cpu_identity().encode()).hexdigest()[:16]
+  key = hashlib.sha256(
+    source + jax.__version__.encode() + ' '.join(FLAGS).encode() + _cpu_identity().encode()
+  ).hexdigest()[:16]
   path = os.path.join(cache_dir(), f'depthwise_kernel_{key}.so')
   if os.path.exists(path):
     return path
@@ -79,8 +81,9 @@ def _load_once():
   try:
     library = ctypes.cdll.LoadLibrary(_build())
     for name, symbol in _TARGETS.items():
-      jax.ffi.register_ffi_target(f'mnasnet_depthwise_{name}',
-                                  jax.ffi.pycapsule(getattr(library, symbol)), platform='cpu')
+      jax.ffi.register_ffi_target(
+        f'mnasnet_depthwise_{name}', jax.ffi.pycapsule(getattr(library, symbol)), platform='cpu'
+      )
   except (OSError, RuntimeError, AttributeError) as error:
     logging.warning('Depthwise CPU kernels unavailable (%s); using the shifted form.', error)
     return error
@@ -111,10 +114,12 @@ def depthwise(x, kernel, stride: int):
     raise RuntimeError(f'the depthwise CPU kernels are unavailable: {_load()}')
   n, h, w, c = x.shape
   out = jax.ShapeDtypeStruct(
-      (n, blocks_lib.same_output_size(h, stride), blocks_lib.same_output_size(w, stride), c),
-      jnp.float32)
+    (n, blocks_lib.same_output_size(h, stride), blocks_lib.same_output_size(w, stride), c),
+    jnp.float32,
+  )
   return jax.ffi.ffi_call('mnasnet_depthwise_forward', out)(
-      x, kernel, **_attributes((h, w), kernel.shape[0], stride))
+    x, kernel, **_attributes((h, w), kernel.shape[0], stride)
+  )
 
 
 def _forward(x, kernel, stride):
@@ -125,7 +130,8 @@ def _backward(stride, residuals, grad):
   x, kernel = residuals
   outs = tuple(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (x, kernel))
   return jax.ffi.ffi_call('mnasnet_depthwise_backward', outs)(
-      x, kernel, grad, **_attributes(x.shape[1:3], kernel.shape[0], stride))
+    x, kernel, grad, **_attributes(x.shape[1:3], kernel.shape[0], stride)
+  )
 
 
 depthwise.defvjp(_forward, _backward)

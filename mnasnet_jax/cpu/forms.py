@@ -11,8 +11,8 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 
 from mnasnet_jax import blocks as blocks_lib
 
@@ -20,10 +20,16 @@ from mnasnet_jax import blocks as blocks_lib
 def _windows(padded, kernel_size: int, stride: int, out_h: int, out_w: int):
   """The k*k strided views of `padded` that each kernel tap multiplies, row-major."""
   n, _, _, c = padded.shape
-  return [lax.slice(padded, (0, i, j, 0),
-                    (n, i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1, c),
-                    (1, stride, stride, 1))
-          for i in range(kernel_size) for j in range(kernel_size)]
+  return [
+    lax.slice(
+      padded,
+      (0, i, j, 0),
+      (n, i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1, c),
+      (1, stride, stride, 1),
+    )
+    for i in range(kernel_size)
+    for j in range(kernel_size)
+  ]
 
 
 def _shifted_sum(padded, kernel, stride: int, out_h: int, out_w: int):
@@ -66,17 +72,33 @@ def _depthwise_shifted_bwd(stride, residuals, grad):
   # One variadic reduction for all k*k taps: a single pass over the input and gradient. (A sum per
   # tap becomes a library dot on XLA:CPU that needs each tap's window written out whole.)
   products = [w * grad for w in windows]
-  grad_kernel = jnp.stack(lax.reduce(products, [jnp.zeros((), grad.dtype)] * len(products),
-                                     lambda xs, ys: [a + b for a, b in zip(xs, ys)], (0, 1, 2)))
+  grad_kernel = jnp.stack(
+    lax.reduce(
+      products,
+      [jnp.zeros((), grad.dtype)] * len(products),
+      lambda xs, ys: [a + b for a, b in zip(xs, ys)],
+      (0, 1, 2),
+    )
+  )
   # The input gradient is a full correlation of the stride-dilated output gradient with the
   # flipped kernel, over the padded input's extent, cropped back to the unpadded input.
-  dilated = lax.pad(grad, jnp.zeros((), grad.dtype),
-                    ((0, 0, 0), (k - 1, k - 1, stride - 1), (k - 1, k - 1, stride - 1), (0, 0, 0)))
+  dilated = lax.pad(
+    grad,
+    jnp.zeros((), grad.dtype),
+    ((0, 0, 0), (k - 1, k - 1, stride - 1), (k - 1, k - 1, stride - 1), (0, 0, 0)),
+  )
   reach_h, reach_w = (out_h - 1) * stride + k, (out_w - 1) * stride + k
   grad_padded = _shifted_sum(dilated, kernel[::-1, ::-1], 1, reach_h, reach_w)
-  grad_padded = jnp.pad(grad_padded, ((0, 0), (0, max(padded.shape[1] - reach_h, 0)),
-                                      (0, max(padded.shape[2] - reach_w, 0)), (0, 0)))
-  grad_x = grad_padded[:, top:top + x.shape[1], left:left + x.shape[2], :]
+  grad_padded = jnp.pad(
+    grad_padded,
+    (
+      (0, 0),
+      (0, max(padded.shape[1] - reach_h, 0)),
+      (0, max(padded.shape[2] - reach_w, 0)),
+      (0, 0),
+    ),
+  )
+  grad_x = grad_padded[:, top : top + x.shape[1], left : left + x.shape[2], :]
   return grad_x, grad_kernel.reshape(kernel.shape).astype(kernel.dtype)
 
 
@@ -96,4 +118,5 @@ def conv_matmul(x, kernel, stride: int):
     patches = jnp.concatenate(_windows(padded, k, stride, out_h, out_w), axis=-1)
   n, h, w, depth = patches.shape
   return jnp.dot(patches.reshape(n * h * w, depth), kernel.reshape(k * k * c, features)).reshape(
-      n, h, w, features)
+    n, h, w, features
+  )

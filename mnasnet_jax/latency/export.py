@@ -13,21 +13,22 @@ import os
 
 import flax.linen as nn
 import jax
+from jax import export as jax_export
 import jax.numpy as jnp
 import numpy as np
-from jax import export as jax_export
 
 from mnasnet_jax import errors
 from mnasnet_jax import models
 
-
 # --- the inference graph -----------------------------------------------------------------------
+
 
 def inference_model(model: models.MnasNet) -> models.MnasNet:
   """`model` as a phone runs it: the native convs, float32, BN folded (its variables come from
   `fold_batchnorm`)."""
-  return model.clone(depthwise='native', conv='native', batch_norm='folded', dtype=jnp.float32,
-                     bn_axis_name=None)
+  return model.clone(
+    depthwise='native', conv='native', batch_norm='folded', dtype=jnp.float32, bn_axis_name=None
+  )
 
 
 def fold_batchnorm(variables, epsilon: float = models.MnasNet.bn_epsilon):
@@ -38,6 +39,7 @@ def fold_batchnorm(variables, epsilon: float = models.MnasNet.bn_epsilon):
   channel: its factor merges into the conv's kernel (last axis), the rest is a bias. Other leaves
   stay.
   """
+
   def fold(params, stats):
     out = {}
     for name, value in params.items():
@@ -60,8 +62,11 @@ def fold_batchnorm(variables, epsilon: float = models.MnasNet.bn_epsilon):
 
 def variable_shapes(module: nn.Module, input_shape):
   """`module`'s variables as shapes and dtypes, on a float32 input of `input_shape`."""
-  return jax.eval_shape(functools.partial(module.init, train=False), jax.random.PRNGKey(0),
-                        jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32))
+  return jax.eval_shape(
+    functools.partial(module.init, train=False),
+    jax.random.PRNGKey(0),
+    jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32),
+  )
 
 
 def random_variables(module: nn.Module, input_shape, seed: int = 0):
@@ -88,6 +93,7 @@ def param_count(module: nn.Module, input_shape) -> int:
 
 # --- export ------------------------------------------------------------------------------------
 
+
 def to_tflite(fn, input_shape) -> bytes:
   """A TFLite flatbuffer of `fn` (one float32 input, constants closed over) via StableHLO."""
   from litert_converter import converter_api_ext
@@ -95,13 +101,15 @@ def to_tflite(fn, input_shape) -> bytes:
   from litert_converter.mlir import passmanager
 
   exported = jax_export.export(jax.jit(fn), platforms=['cpu'])(
-      jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32))
+    jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32)
+  )
   context = ir.Context()
   converter_api_ext.prepare_mlir_context(context)
   with context, ir.Location.unknown():
     module = ir.Module.parse(exported.mlir_module())
-    converter_api_ext.run_convert_to_tfl_passes(module, passmanager.PassManager(),
-                                                converter_api_ext.ConvertToTFLConfig())
+    converter_api_ext.run_convert_to_tfl_passes(
+      module, passmanager.PassManager(), converter_api_ext.ConvertToTFLConfig()
+    )
     converter_api_ext.set_signature(module.operation, 'serving_default', ['images'], ['output'])
     return converter_api_ext.export_flatbuffer_to_bytes(module.operation)
 
@@ -122,16 +130,24 @@ def _write(path, content: bytes) -> str:
   return path
 
 
-def export_tflite(arch, path, resolution: int = 224, num_classes: int = 1000, params=None,
-                  seed: int = 0, depth_multiplier: float = 1.0) -> str:
+def export_tflite(
+  arch,
+  path,
+  resolution: int = 224,
+  num_classes: int = 1000,
+  params=None,
+  seed: int = 0,
+  depth_multiplier: float = 1.0,
+) -> str:
   """Writes `arch` (a name or block strings) as a TFLite model of input [1, res, res, 3].
 
   `params`: the Flax variables ({'params', 'batch_stats'}) of `models.create(arch, ...)`; None
   draws random ones (enough for latency). Returns the path.
   """
   # The native depthwise form spares building the CPU kernel that inference_model drops anyway.
-  model = models.create(arch, num_classes=num_classes, depth_multiplier=depth_multiplier,
-                        depthwise='native')
+  model = models.create(
+    arch, num_classes=num_classes, depth_multiplier=depth_multiplier, depthwise='native'
+  )
   shape = (1, resolution, resolution, 3)
   variables = random_variables(model, shape, seed) if params is None else params
   folded = fold_batchnorm(variables, model.bn_epsilon)
@@ -141,13 +157,23 @@ def export_tflite(arch, path, resolution: int = 224, num_classes: int = 1000, pa
 def run(config, workdir):
   """launch/main.py's 'export' job: DIR/model.tflite from random or trained weights."""
   from mnasnet_jax import train  # pylint: disable=g-import-not-at-top  (training is optional here)
+
   if not workdir:
     raise errors.UserError(f'the export job needs --workdir=DIR for its {config.filename}')
   variables = None
   if config.checkpoint_dir:
     variables = train.restore_variables(config.checkpoint_dir, use_ema=config.use_ema)
-  path = export_tflite(config.arch, os.path.join(workdir, config.filename), config.resolution,
-                       config.num_classes, params=variables,
-                       depth_multiplier=config.depth_multiplier)
-  print(f'wrote {path} ({os.path.getsize(path) / 1e6:.2f} MB, '
-        f'{"trained" if variables else "random"} weights)')
+  if jax.process_index():  # every host of a multi-host job runs the job: one writes the file
+    return
+  path = export_tflite(
+    config.arch,
+    os.path.join(workdir, config.filename),
+    config.resolution,
+    config.num_classes,
+    params=variables,
+    depth_multiplier=config.depth_multiplier,
+  )
+  print(
+    f'wrote {path} ({os.path.getsize(path) / 1e6:.2f} MB, '
+    f'{"trained" if variables else "random"} weights)'
+  )

@@ -40,8 +40,9 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 from absl import logging
+import jax
+import numpy as np
 
 from mnasnet_jax import blocks as blocks_lib
 from mnasnet_jax import errors
@@ -56,15 +57,24 @@ _PACKAGES = ('jax', 'jaxlib', 'flax', 'numpy', 'litert-converter', 'ai-edge-lite
 
 def _timing_stats(seconds) -> dict:
   ms = np.asarray(seconds, np.float64) * 1e3
-  return {'median_ms': float(np.median(ms)), 'mean_ms': float(ms.mean()),
-          'std_ms': float(ms.std()), 'min_ms': float(ms.min()), 'count': int(ms.size)}
+  return {
+    'median_ms': float(np.median(ms)),
+    'mean_ms': float(ms.mean()),
+    'std_ms': float(ms.std()),
+    'min_ms': float(ms.min()),
+    'count': int(ms.size),
+  }
 
 
 # --- backends ----------------------------------------------------------------------------------
 
+
 def _check_counts(warmup: int, repeats: int, instances: int):
-  for name, value, least in (('warmup', warmup, 0), ('repeats', repeats, 1),
-                             ('instances', instances, 1)):
+  for name, value, least in (
+    ('warmup', warmup, 0),
+    ('repeats', repeats, 1),
+    ('instances', instances, 1),
+  ):
     if value < least:
       raise errors.UserError(f'config.{name} = {value}: expected a whole number >= {least}')
 
@@ -86,8 +96,14 @@ class LiteRTBackend:
 
   STATISTICS = ('min', 'median', 'mean')
 
-  def __init__(self, warmup: int, repeats: int, num_threads: int = 1, instances: int = 1,
-               flush_mib: float = 0.0):
+  def __init__(
+    self,
+    warmup: int,
+    repeats: int,
+    num_threads: int = 1,
+    instances: int = 1,
+    flush_mib: float = 0.0,
+  ):
     _check_counts(warmup, repeats, instances)
     if flush_mib < 0:
       raise errors.UserError(f'config.flush_mib = {flush_mib}: expected a size in MiB >= 0')
@@ -103,17 +119,26 @@ class LiteRTBackend:
       name = found.group(1).strip() if found else name
     except OSError:
       pass
-    return {'name': name, 'machine': host_platform.machine(), 'system': host_platform.platform(),
-            'cpu_count': os.cpu_count(), 'num_threads': self.num_threads, 'caches': cpu_caches()}
+    return {
+      'name': name,
+      'machine': host_platform.machine(),
+      'system': host_platform.platform(),
+      'cpu_count': os.cpu_count(),
+      'num_threads': self.num_threads,
+      'caches': cpu_caches(),
+    }
 
   def interpreter(self, content: bytes):
     """A fresh interpreter and a function that sets its inputs (random, the same every time)."""
     from ai_edge_litert.interpreter import Interpreter
+
     interpreter = Interpreter(model_content=content, num_threads=self.num_threads)
     interpreter.allocate_tensors()
     rng = np.random.default_rng(0)
-    inputs = [(d['index'], rng.normal(size=d['shape']).astype(d['dtype']))
-              for d in interpreter.get_input_details()]
+    inputs = [
+      (d['index'], rng.normal(size=d['shape']).astype(d['dtype']))
+      for d in interpreter.get_input_details()
+    ]
 
     def set_inputs():
       for index, value in inputs:
@@ -158,7 +183,9 @@ def cpu_caches() -> dict:
   return caches
 
 
-_BENCHMARK_LINE = re.compile(r'count=(\d+) first=\S+ curr=\S+ min=(\S+) max=\S+ avg=(\S+) std=(\S+)')
+_BENCHMARK_LINE = re.compile(
+  r'count=(\d+) first=\S+ curr=\S+ min=(\S+) max=\S+ avg=(\S+) std=(\S+)'
+)
 
 
 def parse_benchmark_model(output: str) -> dict:
@@ -166,11 +193,16 @@ def parse_benchmark_model(output: str) -> dict:
   is the timed runs (the one before it is the warm-up)."""
   found = _BENCHMARK_LINE.findall(output)
   if not found:
-    raise ValueError('no timing line ("count=... avg=... std=...") in benchmark_model output:\n'
-                     + output[-2000:])
+    raise ValueError(
+      'no timing line ("count=... avg=... std=...") in benchmark_model output:\n' + output[-2000:]
+    )
   count, min_us, avg_us, std_us = found[-1]
-  return {'mean_ms': float(avg_us) / 1e3, 'std_ms': float(std_us) / 1e3,
-          'min_ms': float(min_us) / 1e3, 'count': int(count)}
+  return {
+    'mean_ms': float(avg_us) / 1e3,
+    'std_ms': float(std_us) / 1e3,
+    'min_ms': float(min_us) / 1e3,
+    'count': int(count),
+  }
 
 
 def pool_runs(runs: list[dict]) -> dict:
@@ -178,9 +210,15 @@ def pool_runs(runs: list[dict]) -> dict:
   counts = np.array([r['count'] for r in runs], np.float64)
   means = np.array([r['mean_ms'] for r in runs])
   mean = float(np.sum(counts * means) / counts.sum())
-  second_moment = np.sum(counts * (np.square([r['std_ms'] for r in runs]) + means ** 2)) / counts.sum()
-  return {'mean_ms': mean, 'std_ms': float(np.sqrt(max(second_moment - mean ** 2, 0.0))),
-          'min_ms': min(r['min_ms'] for r in runs), 'count': int(counts.sum())}
+  second_moment = (
+    np.sum(counts * (np.square([r['std_ms'] for r in runs]) + means**2)) / counts.sum()
+  )
+  return {
+    'mean_ms': mean,
+    'std_ms': float(np.sqrt(max(second_moment - mean**2, 0.0))),
+    'min_ms': min(r['min_ms'] for r in runs),
+    'count': int(counts.sum()),
+  }
 
 
 class AdbBackend:
@@ -191,10 +229,19 @@ class AdbBackend:
 
   STATISTICS = ('min', 'mean')
 
-  def __init__(self, warmup: int, repeats: int, num_threads: int = 1, adb: str = 'adb',
-               serial: str | None = None, device_dir: str = '/data/local/tmp/mnasnet_latency',
-               benchmark_binary: str = '/data/local/tmp/benchmark_model', cpu_mask: str = 'f0',
-               timeout: float = 600.0, instances: int = 1):
+  def __init__(
+    self,
+    warmup: int,
+    repeats: int,
+    num_threads: int = 1,
+    adb: str = 'adb',
+    serial: str | None = None,
+    device_dir: str = '/data/local/tmp/mnasnet_latency',
+    benchmark_binary: str = '/data/local/tmp/benchmark_model',
+    cpu_mask: str = 'f0',
+    timeout: float = 600.0,
+    instances: int = 1,
+  ):
     _check_counts(warmup, repeats, instances)
     self.warmup, self.repeats, self.num_threads = warmup, repeats, num_threads
     self.instances = instances
@@ -207,22 +254,35 @@ class AdbBackend:
     try:
       done = subprocess.run(command, capture_output=True, text=True, timeout=self.timeout)
     except FileNotFoundError:
-      raise errors.UserError(f'adb executable {self.adb!r} not found: install Android '
-                             'platform-tools or set config.adb.binary') from None
+      raise errors.UserError(
+        f'adb executable {self.adb!r} not found: install Android '
+        'platform-tools or set config.adb.binary'
+      ) from None
     if done.returncode:
-      raise RuntimeError(f'{shlex.join(command)} failed ({done.returncode}): '
-                         f'{(done.stderr or done.stdout).strip()}')
+      raise RuntimeError(
+        f'{shlex.join(command)} failed ({done.returncode}): {(done.stderr or done.stdout).strip()}'
+      )
     return done.stdout
 
   def shell(self, command: str) -> str:
     return self._run('shell', command)
 
   def device(self) -> dict:
-    props = {key: self.shell(f'getprop {prop}').strip() for key, prop in (
-        ('manufacturer', 'ro.product.manufacturer'), ('model', 'ro.product.model'),
-        ('board', 'ro.board.platform'), ('android', 'ro.build.version.release'))}
-    return {'name': f'{props["manufacturer"]} {props["model"]}'.strip(), **props,
-            'cpu_mask': self.cpu_mask, 'num_threads': self.num_threads}
+    props = {
+      key: self.shell(f'getprop {prop}').strip()
+      for key, prop in (
+        ('manufacturer', 'ro.product.manufacturer'),
+        ('model', 'ro.product.model'),
+        ('board', 'ro.board.platform'),
+        ('android', 'ro.build.version.release'),
+      )
+    }
+    return {
+      'name': f'{props["manufacturer"]} {props["model"]}'.strip(),
+      **props,
+      'cpu_mask': self.cpu_mask,
+      'num_threads': self.num_threads,
+    }
 
   def time(self, content: bytes, name: str) -> dict:
     if not self._ready:
@@ -234,10 +294,20 @@ class AdbBackend:
       with open(local, 'wb') as f:
         f.write(content)
       self._run('push', local, remote)
-    command = ' '.join([
-        'taskset', self.cpu_mask, shlex.quote(self.benchmark_binary), f'--graph={shlex.quote(remote)}',
-        f'--num_threads={self.num_threads}', f'--warmup_runs={self.warmup}',
-        f'--num_runs={self.repeats}', '--warmup_min_secs=0', '--min_secs=0', '--use_xnnpack=true'])
+    command = ' '.join(
+      [
+        'taskset',
+        self.cpu_mask,
+        shlex.quote(self.benchmark_binary),
+        f'--graph={shlex.quote(remote)}',
+        f'--num_threads={self.num_threads}',
+        f'--warmup_runs={self.warmup}',
+        f'--num_runs={self.repeats}',
+        '--warmup_min_secs=0',
+        '--min_secs=0',
+        '--use_xnnpack=true',
+      ]
+    )
     try:
       runs = [parse_benchmark_model(self.shell(command)) for _ in range(self.instances)]
     finally:
@@ -247,17 +317,26 @@ class AdbBackend:
 
 def create_backend(config):
   if config.backend == 'litert':
-    return LiteRTBackend(config.warmup, config.repeats, config.num_threads, config.instances,
-                         config.flush_mib)
+    return LiteRTBackend(
+      config.warmup, config.repeats, config.num_threads, config.instances, config.flush_mib
+    )
   if config.backend == 'adb':
-    return AdbBackend(config.warmup, config.repeats, config.num_threads, adb=config.adb.binary,
-                      serial=config.adb.serial or None, device_dir=config.adb.device_dir,
-                      benchmark_binary=config.adb.benchmark_binary, cpu_mask=config.adb.cpu_mask,
-                      instances=config.instances)
+    return AdbBackend(
+      config.warmup,
+      config.repeats,
+      config.num_threads,
+      adb=config.adb.binary,
+      serial=config.adb.serial or None,
+      device_dir=config.adb.device_dir,
+      benchmark_binary=config.adb.benchmark_binary,
+      cpu_mask=config.adb.cpu_mask,
+      instances=config.instances,
+    )
   raise errors.UserError(f"config.backend = {config.backend!r}: expected 'litert' or 'adb'")
 
 
 # --- what to profile ------------------------------------------------------------------------------
+
 
 def overhead_tflite() -> bytes:
   """The smallest model: one add on one number. Its invoke time is the interpreter's fixed cost."""
@@ -289,16 +368,20 @@ def profile_units(space, architectures, resolution: int, num_classes: int) -> di
   for stem in sorted(stems):
     parts[table_lib.stem_key(stem, resolution)] = (net.stem(stem), (1, resolution, resolution, 3))
   for layer in sorted(layers, key=table_lib.layer_key):
-    parts.setdefault(table_lib.layer_key(layer), (
-        net.layer(layer), (1, layer.resolution, layer.resolution, layer.in_filters)))
+    parts.setdefault(
+      table_lib.layer_key(layer),
+      (net.layer(layer), (1, layer.resolution, layer.resolution, layer.in_filters)),
+    )
   for width, res in sorted(heads):
     parts[table_lib.head_key(width, res, num_classes)] = (net.head(), (1, res, res, width))
-  return {key: (functools.partial(export.module_tflite, module, shape),
-                export.param_count(module, shape))
-          for key, (module, shape) in parts.items()}
+  return {
+    key: (functools.partial(export.module_tflite, module, shape), export.param_count(module, shape))
+    for key, (module, shape) in parts.items()
+  }
 
 
 # --- the journal ---------------------------------------------------------------------------------
+
 
 def read_journal(path: str) -> dict:
   """key -> entry of every finished unit; a torn last line (the job was killed) is ignored."""
@@ -313,8 +396,10 @@ def read_journal(path: str) -> dict:
       done[record.pop('key')] = record
     except (json.JSONDecodeError, KeyError, AttributeError):
       if number != len(lines):
-        raise errors.UserError(f'corrupt journal {path} at line {number}: {line[:200]!r}; '
-                               'expected one JSON object a line') from None
+        raise errors.UserError(
+          f'corrupt journal {path} at line {number}: {line[:200]!r}; '
+          'expected one JSON object a line'
+        ) from None
   return done
 
 
@@ -336,15 +421,20 @@ def library_versions() -> dict:
 
 
 def profile(config, workdir: str) -> table_lib.LatencyTable:
-  """Profiles every unit not yet in the journal, then assembles and writes the table."""
+  """Profiles every unit not yet in the journal, then assembles and writes the table. Every host
+  of a multi-host job runs it alike; process 0 alone writes the journal and the table (two
+  writers of one workdir would interleave them)."""
   if not workdir:
     raise errors.UserError('the profile_latency job needs --workdir=DIR (its journal and table)')
   backend = create_backend(config)
   if config.statistic not in backend.STATISTICS:
-    raise errors.UserError(f'config.statistic = {config.statistic!r}: expected one of '
-                           f'{backend.STATISTICS} for the {config.backend} backend')
-  space = (search_space_lib.SearchSpace(config.search_space)
-           if config.search_space is not None else None)
+    raise errors.UserError(
+      f'config.statistic = {config.statistic!r}: expected one of '
+      f'{backend.STATISTICS} for the {config.backend} backend'
+    )
+  space = (
+    search_space_lib.SearchSpace(config.search_space) if config.search_space is not None else None
+  )
   os.makedirs(workdir, exist_ok=True)
   units = profile_units(space, tuple(config.architectures), config.resolution, config.num_classes)
   units[OVERHEAD_KEY] = (overhead_tflite, 1)
@@ -352,9 +442,15 @@ def profile(config, workdir: str) -> table_lib.LatencyTable:
   journal = os.path.join(workdir, f'{os.path.splitext(config.table_name)[0]}.journal.jsonl')
   done = read_journal(journal)
   todo = [key for key in units if key not in done]
-  logging.info('%d units to profile at %dpx, %d classes: %d already in %s, %d to go',
-               len(units), config.resolution, config.num_classes, len(units) - len(todo), journal,
-               len(todo))
+  logging.info(
+    '%d units to profile at %dpx, %d classes: %d already in %s, %d to go',
+    len(units),
+    config.resolution,
+    config.num_classes,
+    len(units) - len(todo),
+    journal,
+    len(todo),
+  )
   start, export_seconds, timing_seconds, last_log = time.time(), 0.0, 0.0, 0.0
   for n, key in enumerate(todo, 1):
     t0 = time.time()
@@ -364,40 +460,73 @@ def profile(config, workdir: str) -> table_lib.LatencyTable:
     t2 = time.time()
     export_seconds += t1 - t0
     timing_seconds += t2 - t1
-    _append(journal, key, {**entry, 'export_s': round(t1 - t0, 4), 'time_s': round(t2 - t1, 4)})
+    if jax.process_index() == 0:
+      _append(journal, key, {**entry, 'export_s': round(t1 - t0, 4), 'time_s': round(t2 - t1, 4)})
     done[key] = entry
     if t2 - last_log > config.log_every_seconds or n == len(todo):
       last_log = t2
       rate = n / (t2 - start)
-      logging.info('profiled %d/%d (%d/%d in all), %.2f units/s (export %.0f%%), ETA %.0f min; '
-                   'last %s: %.3f ms', n, len(todo), len(done), len(units), rate,
-                   100 * export_seconds / max(t2 - start, 1e-9), (len(todo) - n) / rate / 60, key,
-                   entry[statistic])
-  entries = {key: {'ms': done[key][statistic], **done[key], 'params': units[key][1]}
-             for key in units if key != OVERHEAD_KEY}
+      logging.info(
+        'profiled %d/%d (%d/%d in all), %.2f units/s (export %.0f%%), ETA %.0f min; '
+        'last %s: %.3f ms',
+        n,
+        len(todo),
+        len(done),
+        len(units),
+        rate,
+        100 * export_seconds / max(t2 - start, 1e-9),
+        (len(todo) - n) / rate / 60,
+        key,
+        entry[statistic],
+      )
+  entries = {
+    key: {'ms': done[key][statistic], **done[key], 'params': units[key][1]}
+    for key in units
+    if key != OVERHEAD_KEY
+  }
   for entry in entries.values():
     entry.pop('export_s', None)
     entry.pop('time_s', None)
   overhead = done[OVERHEAD_KEY]
   table = table_lib.LatencyTable(
-      entries, resolution=config.resolution, num_classes=config.num_classes,
-      backend=config.backend, device=backend.device(),
-      versions=library_versions(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
-      timing={'statistic': config.statistic, 'instances': config.instances,
-              'warmup': config.warmup, 'repeats': config.repeats,
-              'num_threads': config.num_threads,
-              'flush_mib': config.flush_mib if config.backend == 'litert' else 0.0,
-              **({'adb': config.adb.to_dict()} if config.backend == 'adb' else {}),
-              'unit': 'one TFLite model per entry, timed alone'},
-      search_space=config.search_space.to_dict() if space else None,
-      architectures=list(config.architectures),
-      calibration={'overhead_ms': overhead[statistic], 'unit_ms': overhead[statistic],
-                   'scale': 1.0,
-                   'note': f'overhead_ms: {config.statistic} invoke of a one-add model; unit_ms '
-                           'and scale not fitted'})
+    entries,
+    resolution=config.resolution,
+    num_classes=config.num_classes,
+    backend=config.backend,
+    device=backend.device(),
+    versions=library_versions(),
+    date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+    timing={
+      'statistic': config.statistic,
+      'instances': config.instances,
+      'warmup': config.warmup,
+      'repeats': config.repeats,
+      'num_threads': config.num_threads,
+      'flush_mib': config.flush_mib if config.backend == 'litert' else 0.0,
+      **({'adb': config.adb.to_dict()} if config.backend == 'adb' else {}),
+      'unit': 'one TFLite model per entry, timed alone',
+    },
+    search_space=config.search_space.to_dict() if space else None,
+    architectures=list(config.architectures),
+    calibration={
+      'overhead_ms': overhead[statistic],
+      'unit_ms': overhead[statistic],
+      'scale': 1.0,
+      'note': f'overhead_ms: {config.statistic} invoke of a one-add model; unit_ms '
+      'and scale not fitted',
+    },
+  )
+  if jax.process_index():
+    return table
   path = table.save(os.path.join(workdir, config.table_name))
-  logging.info('wrote %s: %d entries, invoke overhead %.4f ms; export %.0f s, timing %.0f s this run',
-               path, len(entries), overhead[statistic], export_seconds, timing_seconds)
+  logging.info(
+    'wrote %s: %d entries, invoke overhead %.4f ms; export %.0f s, timing %.0f s this run',
+    path,
+    len(entries),
+    overhead[statistic],
+    export_seconds,
+    timing_seconds,
+  )
   return table
 
 

@@ -46,8 +46,9 @@ def shipped_table(name: str) -> str:
   path = os.path.join(TABLES_DIR, name)
   if not os.path.isfile(path):
     available = sorted(f for f in os.listdir(TABLES_DIR) if f.endswith('.json'))
-    raise errors.UserError(f'no shipped latency table {name!r} in {TABLES_DIR}: expected one of '
-                           f'{available}')
+    raise errors.UserError(
+      f'no shipped latency table {name!r} in {TABLES_DIR}: expected one of {available}'
+    )
   return path
 
 
@@ -55,13 +56,16 @@ def shortcut_kind(layer: blocks_lib.Layer) -> str:
   """What the skip adds to the compute: nothing, an add, and a pool and/or 1x1 projection first."""
   if not layer.residual:
     return 'none'
-  return ''.join(('pool' if layer.stride > 1 else '', 'proj' if layer.projects_shortcut else '',
-                  'add'))
+  return ''.join(
+    ('pool' if layer.stride > 1 else '', 'proj' if layer.projects_shortcut else '', 'add')
+  )
 
 
 def layer_key(layer: blocks_lib.Layer) -> str:
-  return (f'{layer.op}_k{layer.kernel}_s{layer.stride}_e{layer.expand}_i{layer.in_filters}'
-          f'_o{layer.out_filters}_se{layer.se_filters}_{shortcut_kind(layer)}_r{layer.resolution}')
+  return (
+    f'{layer.op}_k{layer.kernel}_s{layer.stride}_e{layer.expand}_i{layer.in_filters}'
+    f'_o{layer.out_filters}_se{layer.se_filters}_{shortcut_kind(layer)}_r{layer.resolution}'
+  )
 
 
 def stem_key(filters: int, resolution: int) -> str:
@@ -80,8 +84,11 @@ def network_units(arch, resolution: int, num_classes: int) -> list[str]:
   layers = blocks_lib.layers(spec.blocks, spec.stem_filters, stem_res)
   width = layers[-1].out_filters if layers else spec.stem_filters
   res = layers[-1].out_resolution if layers else stem_res
-  return ([stem_key(spec.stem_filters, resolution)] + [layer_key(l) for l in layers]
-          + [head_key(width, res, num_classes)])
+  return (
+    [stem_key(spec.stem_filters, resolution)]
+    + [layer_key(l) for l in layers]
+    + [head_key(width, res, num_classes)]
+  )
 
 
 def fit_calibration(sums, units, measured) -> tuple[float, float]:
@@ -100,8 +107,17 @@ def _corrupt(path, what):
 class LatencyTable:
   """Per-layer latencies of one device at one resolution and number of classes."""
 
-  def __init__(self, entries: dict, *, resolution: int, num_classes: int, backend: str,
-               device: dict, path: str | None = None, **metadata):
+  def __init__(
+    self,
+    entries: dict,
+    *,
+    resolution: int,
+    num_classes: int,
+    backend: str,
+    device: dict,
+    path: str | None = None,
+    **metadata,
+  ):
     self.entries = dict(entries)
     self.resolution = int(resolution)
     self.num_classes = int(num_classes)
@@ -136,8 +152,11 @@ class LatencyTable:
     if not isinstance(data, dict) or data.get('format') != FORMAT:
       raise _corrupt(path, f'expected a JSON object with "format": "{FORMAT}"')
     if data.get('version') != VERSION:
-      raise _corrupt(path, f'expected version {VERSION}, got {data.get("version")!r}: profile it '
-                     'again with this version (its timing protocol and calibration changed)')
+      raise _corrupt(
+        path,
+        f'expected version {VERSION}, got {data.get("version")!r}: profile it '
+        'again with this version (its timing protocol and calibration changed)',
+      )
     missing = [k for k in _REQUIRED if k not in data]
     if missing:
       raise _corrupt(path, f'missing field(s) {", ".join(missing)}')
@@ -154,9 +173,16 @@ class LatencyTable:
     return cls(entries, path=path, **data)
 
   def to_json(self) -> dict:
-    return {'format': FORMAT, 'version': VERSION, 'resolution': self.resolution,
-            'num_classes': self.num_classes, 'backend': self.backend, 'device': self.device,
-            **self.metadata, 'entries': dict(sorted(self.entries.items()))}
+    return {
+      'format': FORMAT,
+      'version': VERSION,
+      'resolution': self.resolution,
+      'num_classes': self.num_classes,
+      'backend': self.backend,
+      'device': self.device,
+      **self.metadata,
+      'entries': dict(sorted(self.entries.items())),
+    }
 
   def save(self, path) -> str:
     path = os.fspath(path)
@@ -174,9 +200,11 @@ class LatencyTable:
     try:
       return self._ms[key]
     except KeyError:
-      raise KeyError(f'layer {key!r} is not in the latency table {self.path} '
-                     f'({self.resolution}px, {self.num_classes} classes, {len(self._ms)} entries): '
-                     'profile it with the profile_latency job') from None
+      raise KeyError(
+        f'layer {key!r} is not in the latency table {self.path} '
+        f'({self.resolution}px, {self.num_classes} classes, {len(self._ms)} entries): '
+        'profile it with the profile_latency job'
+      ) from None
 
   def layer_ms(self, layer: blocks_lib.Layer) -> float:
     return self.entry_ms(layer_key(layer))
@@ -202,9 +230,12 @@ class LatencyTable:
     cached = self._blocks.get(key)
     if cached is None:
       layers = blocks_lib.layers([block], width, res)
-      cached = (sum(self.layer_ms(l) for l in layers), len(layers),
-                layers[-1].out_filters if layers else width,
-                layers[-1].out_resolution if layers else res)
+      cached = (
+        sum(self.layer_ms(l) for l in layers),
+        len(layers),
+        layers[-1].out_filters if layers else width,
+        layers[-1].out_resolution if layers else res,
+      )
       self._blocks[key] = cached
     return cached
 
@@ -213,8 +244,9 @@ class LatencyTable:
     key = (stem, width, res)
     cached = self._ends_cache.get(key)
     if cached is None:
-      cached = self._ends_cache[key] = (self.entry_ms(stem_key(stem, self.resolution))
-                                        + self.entry_ms(head_key(width, res, self.num_classes)))
+      cached = self._ends_cache[key] = self.entry_ms(
+        stem_key(stem, self.resolution)
+      ) + self.entry_ms(head_key(width, res, self.num_classes))
     return cached
 
   @property
@@ -222,9 +254,12 @@ class LatencyTable:
     """The search space the table was profiled for (recorded in the file), or None."""
     if self._space is None and self.metadata.get('search_space'):
       import ml_collections
+
       from mnasnet_jax import search_space as search_space_lib
+
       self._space = search_space_lib.SearchSpace(
-          ml_collections.ConfigDict(self.metadata['search_space']))
+        ml_collections.ConfigDict(self.metadata['search_space'])
+      )
     return self._space
 
   def predict_batch(self, archs: Iterable) -> np.ndarray:
@@ -235,8 +270,10 @@ class LatencyTable:
     """
     if isinstance(archs, np.ndarray) and archs.dtype.kind in 'iu':
       if self.space is None:
-        raise ValueError(f'{self.path} records no search space: pass block strings, or tokens to '
-                         'predict_tokens(space, tokens)')
+        raise ValueError(
+          f'{self.path} records no search space: pass block strings, or tokens to '
+          'predict_tokens(space, tokens)'
+        )
       return self.predict_tokens(self.space, archs)
     stem_res = blocks_lib.same_output_size(self.resolution, 2)
     default_stem = models.Architecture.stem_filters
@@ -264,6 +301,7 @@ class LatencyTable:
   def _token_tables(self, space):
     """Per block: its input widths (sorted) and [width, choice] arrays of ms, units, out width."""
     from mnasnet_jax import search_space as search_space_lib
+
     decisions = search_space_lib.DECISIONS
     tables = []
     widths = {space.stem_filters}
@@ -300,8 +338,10 @@ class LatencyTable:
     k = 0
     for searched, sorted_widths, values in cached[1]:
       if searched:
-        block_tokens = tokens[:, k * per_block:(k + 1) * per_block]
-        choice = np.ravel_multi_index(block_tokens.T, space.choices[k * per_block:(k + 1) * per_block])
+        block_tokens = tokens[:, k * per_block : (k + 1) * per_block]
+        choice = np.ravel_multi_index(
+          block_tokens.T, space.choices[k * per_block : (k + 1) * per_block]
+        )
         k += 1
       else:
         choice = 0
@@ -320,5 +360,7 @@ class LatencyTable:
     return len(self._ms)
 
   def __repr__(self):
-    return (f'LatencyTable({self.path!r}, {self.resolution}px, {self.num_classes} classes, '
-            f'{len(self)} entries, {self.backend} on {self.device.get("name", "?")})')
+    return (
+      f'LatencyTable({self.path!r}, {self.resolution}px, {self.num_classes} classes, '
+      f'{len(self)} entries, {self.backend} on {self.device.get("name", "?")})'
+    )

@@ -2,6 +2,7 @@
 
 import ml_collections
 
+from mnasnet_jax import models
 from mnasnet_jax.configs import common
 
 
@@ -9,14 +10,7 @@ def get_config(arg=None):
   common.parse_arg(arg)  # takes no ARG: refuses one in a line
   config = ml_collections.ConfigDict()
   config.job = 'summary'
-  config.architectures = (
-    'mnasnet_a1',
-    'mnasnet_b1',
-    'mnasnet_small',
-    'mnasnet_d1',
-    'mnasnet_d1_320',
-    'mobilenet_v2',
-  )
+  config.architectures = tuple(models.ARCHITECTURES)  # every named model
   config.depth_multiplier = 1.0
   config.resolution = 224
   config.num_classes = 1000

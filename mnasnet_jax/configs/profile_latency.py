@@ -9,6 +9,7 @@ same ARG, plus the named architectures'.
 
 import ml_collections
 
+from mnasnet_jax import models
 from mnasnet_jax.configs import common
 from mnasnet_jax.configs import search
 
@@ -19,14 +20,7 @@ def get_config(arg=None):
   config = ml_collections.ConfigDict()
   config.job = 'profile_latency'
   config.search_space = search.get_config(arg).search_space
-  config.architectures = (
-    'mnasnet_a1',
-    'mnasnet_b1',
-    'mnasnet_small',
-    'mnasnet_d1',
-    'mnasnet_d1_320',
-    'mobilenet_v2',
-  )
+  config.architectures = tuple(models.ARCHITECTURES)  # every named model
   config.resolution = common.image_size(parsed)
   config.num_classes = 10 if local else 1000
   config.table_name = f'litert_cpu_{config.resolution}.json'

@@ -9,6 +9,7 @@ as `--config.latency.table`).
 
 import ml_collections
 
+from mnasnet_jax import models
 from mnasnet_jax.configs import common
 from mnasnet_jax.configs import train
 
@@ -17,16 +18,9 @@ def search_space_config():
   """The factorised hierarchical space on MobileNetV2's seven blocks (owned by search_space.py)."""
   space = ml_collections.ConfigDict()
   # The base network: MobileNetV2 1.0's (t, c, n, s) table in MnasNet's layers, stem 32.
-  space.stem_filters = 32
-  space.base_blocks = (
-    'r1_k3_s11_e1_i32_o16',
-    'r2_k3_s22_e6_i16_o24',
-    'r3_k3_s22_e6_i24_o32',
-    'r4_k3_s22_e6_i32_o64',
-    'r3_k3_s11_e6_i64_o96',
-    'r3_k3_s22_e6_i96_o160',
-    'r1_k3_s11_e6_i160_o320',
-  )
+  base = models.ARCHITECTURES['mobilenet_v2']
+  space.stem_filters = base.stem_filters
+  space.base_blocks = base.blocks
   space.searched_blocks = (0, 1, 2, 3, 4, 5, 6)  # the others keep their base block string
   # The options of each decision (paper 4.2): 4 * 2 * 2 * 3 * 3 * 3 = 432 per searched block.
   space.conv_ops = ('conv', 'sepconv', 'mbconv3', 'mbconv6')

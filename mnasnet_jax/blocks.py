@@ -206,6 +206,22 @@ def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
   return total // 2, total - total // 2
 
 
+# How a k x k conv pads: 'same', TensorFlow's (the official code's; at stride 2 on an even size the
+# extra row goes after), or 'symmetric', PyTorch's k // 2 on each side (what timm's and
+# torchvision's MnasNets were trained with). For odd kernels both give the output size
+# `same_output_size`; they differ only where 'same' is asymmetric.
+PADDINGS = ('same', 'symmetric')
+
+
+def conv_padding(size: int, kernel: int, stride: int, padding: str) -> tuple[int, int]:
+  """(before, after) padding of one spatial axis under `padding` (one of PADDINGS)."""
+  if padding == 'symmetric':
+    return kernel // 2, kernel // 2
+  if padding != 'same':
+    raise errors.UserError(f'padding {padding!r}: expected one of {PADDINGS}')
+  return same_padding(size, kernel, stride)
+
+
 @dataclasses.dataclass(frozen=True)
 class Layer:
   """One layer as it runs: the widths the tensors really have and its input resolution.

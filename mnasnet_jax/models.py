@@ -2,7 +2,9 @@
 
 Stem (3x3/2 conv, BN, ReLU), the blocks' layers, head (1x1 conv to 1280, never scaled by the depth
 multiplier, BN, ReLU), global average pool, dropout, dense. Convs have no bias; BN uses momentum 0.99
-and epsilon 1e-3; initialisers are the official ones. Parameters are float32, compute is `dtype`.
+and epsilon 1e-3; convs pad as TensorFlow's 'SAME'; initialisers are the official ones. Parameters
+are float32, compute is `dtype`. `padding='symmetric'` and `bn_epsilon=1e-5` give the function of
+PyTorch's MnasNets (timm's, torchvision's), whose weights pretrained.py imports.
 
 This is the one description of the network: training runs it with the forms `platform` picks for
 the device (mnasnet_jax/cpu/ holds the CPU ones), the TFLite export and the latency table's units
@@ -158,22 +160,33 @@ def dense_kernel_init(key, shape, dtype=jnp.float32):
 # --- the ops' native forms, and the CPU forms by name (platform.py chooses) ---------------------
 
 
-def depthwise_native(x, kernel, stride: int):
+def _lax_padding(x, kernel_size: int, stride: int, padding: str):
+  """'SAME' as itself (TFLite's convs take it as an attribute), 'symmetric' as explicit pads."""
+  if padding == 'same':
+    return 'SAME'
+  return [blocks_lib.conv_padding(s, kernel_size, stride, padding) for s in x.shape[1:3]]
+
+
+def depthwise_native(x, kernel, stride: int, padding: str):
   """The grouped convolution: XLA's native depthwise op, fast on TPU/GPU, what TFLite exports."""
   return lax.conv_general_dilated(
     x,
     kernel,
     (stride, stride),
-    'SAME',
+    _lax_padding(x, kernel.shape[0], stride, padding),
     dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
     feature_group_count=x.shape[-1],
   )
 
 
-def conv_native(x, kernel, stride: int):
+def conv_native(x, kernel, stride: int, padding: str):
   """XLA's conv op: what TPU/GPU compilers and TFLite know best."""
   return lax.conv_general_dilated(
-    x, kernel, (stride, stride), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+    x,
+    kernel,
+    (stride, stride),
+    _lax_padding(x, kernel.shape[0], stride, padding),
+    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
   )
 
 
@@ -204,6 +217,7 @@ class DepthwiseConv(nn.Module):
   stride: int
   form: str
   dtype: Any = jnp.float32
+  padding: str = 'same'
 
   @nn.compact
   def __call__(self, x):
@@ -214,12 +228,12 @@ class DepthwiseConv(nn.Module):
       jnp.float32,
     )
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    return DEPTHWISE[self.form](x, kernel, self.stride)
+    return DEPTHWISE[self.form](x, kernel, self.stride, self.padding)
 
 
 class Conv(nn.Module):
-  """k x k conv, 'SAME' padding; every form shares nn.Conv's variables: a (k, k, C, O) kernel, a
-  bias."""
+  """k x k conv, padded as `padding` (blocks.PADDINGS); every form shares nn.Conv's variables: a
+  (k, k, C, O) kernel, a bias."""
 
   features: int
   kernel_size: int
@@ -227,6 +241,7 @@ class Conv(nn.Module):
   stride: int = 1
   use_bias: bool = False
   dtype: Any = jnp.float32
+  padding: str = 'same'
 
   @nn.compact
   def __call__(self, x):
@@ -236,7 +251,7 @@ class Conv(nn.Module):
       (self.kernel_size, self.kernel_size, x.shape[-1], self.features),
       jnp.float32,
     )
-    y = CONV[self.form](x.astype(self.dtype), kernel.astype(self.dtype), self.stride)
+    y = CONV[self.form](x.astype(self.dtype), kernel.astype(self.dtype), self.stride, self.padding)
     if self.use_bias:
       y = y + self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32).astype(
         self.dtype
@@ -246,12 +261,14 @@ class Conv(nn.Module):
 
 # --- the network's parts: stem, layers, head ----------------------------------------------------
 #
-# Each part takes `norm`, a constructor of the BN that follows each conv (MnasNet.norm), and is a
-# unit of the latency table on its own (latency/export.py).
+# Each part takes `norm`, a constructor of the BN that follows each conv (MnasNet.norm), and the
+# padding of its k x k convs, and is a unit of the latency table on its own (latency/export.py).
 
 
 def pool_to_stride(x, stride: int):
-  """The pooling skip's downsampling: the mean of each stride x stride window (padding not counted)."""
+  """The pooling skip's downsampling: the mean of each stride x stride window (padding not counted).
+  This project's own op, under either conv padding: its window is its stride, so 'SAME' pads only
+  an odd size's last row (PyTorch's MnasNets have no pooling skip)."""
   if stride == 1:
     return x
   return nn.avg_pool(x, (stride, stride), (stride, stride), padding='SAME', count_include_pad=False)
@@ -280,12 +297,13 @@ class Stem(nn.Module):
   norm: Callable[..., nn.Module]
   conv: str
   dtype: Any = jnp.float32
+  padding: str = 'same'
 
   @nn.compact
   def __call__(self, images, train: bool):
-    x = Conv(self.filters, 3, self.conv, stride=2, dtype=self.dtype, name='stem')(
-      images.astype(self.dtype)
-    )
+    x = Conv(
+      self.filters, 3, self.conv, stride=2, dtype=self.dtype, padding=self.padding, name='stem'
+    )(images.astype(self.dtype))
     return nn.relu(self.norm(name='stem_bn')(x, use_running_average=not train))
 
 
@@ -297,11 +315,12 @@ class MnasLayer(nn.Module):
   depthwise: str
   conv: str
   dtype: Any = jnp.float32
+  padding: str = 'same'
 
   @nn.compact
   def __call__(self, x, train: bool):
     spec = self.spec
-    conv = functools.partial(Conv, form=self.conv, dtype=self.dtype)
+    conv = functools.partial(Conv, form=self.conv, dtype=self.dtype, padding=self.padding)
     pointwise = functools.partial(conv, kernel_size=1)
     bn = lambda x, name: self.norm(name=name)(x, use_running_average=not train)
     se = functools.partial(SqueezeExcite, spec.se_filters, self.conv, self.dtype, name='se')
@@ -315,7 +334,9 @@ class MnasLayer(nn.Module):
       if spec.expand != 1:
         x = pointwise(spec.hidden_filters, name='expand')(x)
         x = nn.relu(bn(x, 'expand_bn'))
-      x = DepthwiseConv(spec.kernel, spec.stride, self.depthwise, self.dtype, name='depthwise')(x)
+      x = DepthwiseConv(
+        spec.kernel, spec.stride, self.depthwise, self.dtype, self.padding, name='depthwise'
+      )(x)
       x = nn.relu(bn(x, 'depthwise_bn'))
       if spec.se_filters:
         x = se()(x)
@@ -356,7 +377,8 @@ class MnasNet(nn.Module):
   """MnasNet from block strings; `bn_axis_name` makes BN average statistics across devices.
 
   `depthwise`, `conv` and `batch_norm` name the forms of those ops (DEPTHWISE, CONV, BATCH_NORM);
-  'folded' is the inference graph's BN, on variables from latency/export.fold_batchnorm.
+  'folded' is the inference graph's BN, on variables from latency/export.fold_batchnorm. `padding`
+  and `bn_epsilon` are part of the function the weights compute (blocks.PADDINGS).
   """
 
   blocks: tuple[str, ...]
@@ -367,6 +389,7 @@ class MnasNet(nn.Module):
   dropout_rate: float = 0.2
   bn_momentum: float = 0.99
   bn_epsilon: float = 1e-3
+  padding: str = 'same'  # 'symmetric': PyTorch's, for timm's and torchvision's weights
   depthwise: str = 'native'
   conv: str = 'native'
   batch_norm: str = 'autodiff'
@@ -398,12 +421,12 @@ class MnasNet(nn.Module):
 
   @nn.nowrap
   def stem(self, filters: int) -> Stem:
-    return Stem(filters, self.norm(), self.conv, self.dtype)
+    return Stem(filters, self.norm(), self.conv, self.dtype, self.padding)
 
   @nn.nowrap
   def layer(self, spec: blocks_lib.Layer, name: str | None = None) -> MnasLayer:
     layer = nn.remat(MnasLayer, static_argnums=(2,)) if self.remat else MnasLayer  # 2: `train`
-    return layer(spec, self.norm(), self.depthwise, self.conv, self.dtype, name=name)
+    return layer(spec, self.norm(), self.depthwise, self.conv, self.dtype, self.padding, name=name)
 
   @nn.nowrap
   def head(self) -> Head:
@@ -436,10 +459,13 @@ def create(
   conv: str = 'auto',
   batch_norm: str = 'auto',
   dtype: str = 'auto',
+  padding: str = 'same',
   **kwargs,
 ) -> MnasNet:
   """The model of a named architecture or block strings; device choices come from `platform`."""
   spec = architecture(arch)
+  if padding not in blocks_lib.PADDINGS:
+    raise errors.UserError(f'padding {padding!r}: expected one of {blocks_lib.PADDINGS}')
   dtype = platform.compute_dtype(dtype)
   return MnasNet(
     blocks=spec.blocks,
@@ -451,6 +477,7 @@ def create(
     conv=platform.conv_form(conv),
     batch_norm=platform.batch_norm_form(batch_norm),
     dtype=dtype,
+    padding=padding,
     **kwargs,
   )
 

@@ -135,30 +135,36 @@ def _outputs_and_gradients(fn, *args):
   return jax.jit(fn)(*args), jax.jit(jax.grad(loss, argnums=tuple(range(len(args)))))(*args)
 
 
+@pytest.mark.parametrize('padding', ['same', 'symmetric'])
 @pytest.mark.parametrize('form', ['shifted', 'kernel'])
 @pytest.mark.parametrize('kernel, stride, size', [(3, 1, 9), (3, 2, 8), (5, 2, 11), (7, 1, 4)])
 @pytest.mark.cpu_only
-def test_depthwise_forms_agree_in_outputs_and_gradients(form, kernel, stride, size):
+def test_depthwise_forms_agree_in_outputs_and_gradients(form, kernel, stride, size, padding):
   x = jax.random.normal(jax.random.PRNGKey(0), (3, size, size, 6))
   w = jax.random.normal(jax.random.PRNGKey(1), (kernel, kernel, 1, 6))
   expected, expected_grads = _outputs_and_gradients(
-    lambda x, w: models.depthwise_native(x, w, stride), x, w
+    lambda x, w: models.depthwise_native(x, w, stride, padding), x, w
   )
-  out, grads = _outputs_and_gradients(lambda x, w: models.DEPTHWISE[form](x, w, stride), x, w)
+  out, grads = _outputs_and_gradients(
+    lambda x, w: models.DEPTHWISE[form](x, w, stride, padding), x, w
+  )
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
   for a, b in zip(grads, expected_grads):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize('padding', ['same', 'symmetric'])
 @pytest.mark.parametrize('kernel, stride, size', [(1, 1, 5), (3, 2, 9), (3, 2, 8), (5, 1, 6)])
 @pytest.mark.cpu_only
-def test_conv_forms_agree_in_outputs_and_gradients(kernel, stride, size):
+def test_conv_forms_agree_in_outputs_and_gradients(kernel, stride, size, padding):
   x = jax.random.normal(jax.random.PRNGKey(0), (2, size, size, 5))
   w = jax.random.normal(jax.random.PRNGKey(1), (kernel, kernel, 5, 7))
   expected, expected_grads = _outputs_and_gradients(
-    lambda x, w: models.conv_native(x, w, stride), x, w
+    lambda x, w: models.conv_native(x, w, stride, padding), x, w
   )
-  out, grads = _outputs_and_gradients(lambda x, w: models.CONV['matmul'](x, w, stride), x, w)
+  out, grads = _outputs_and_gradients(
+    lambda x, w: models.CONV['matmul'](x, w, stride, padding), x, w
+  )
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
   for a, b in zip(grads, expected_grads):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
@@ -171,7 +177,7 @@ def test_depthwise_kernel_is_used_on_cpu_and_checks_its_dtype():
   assert models.create('mnasnet_small', dtype='bfloat16').depthwise == 'shifted'
   x = jnp.zeros((1, 4, 4, 2), jnp.bfloat16)
   with pytest.raises(ValueError, match='take float32, got bfloat16'):
-    models.DEPTHWISE['kernel'](x, jnp.zeros((3, 3, 1, 2), jnp.bfloat16), 1)
+    models.DEPTHWISE['kernel'](x, jnp.zeros((3, 3, 1, 2), jnp.bfloat16), 1, 'same')
 
 
 @pytest.mark.cpu_only
@@ -247,3 +253,15 @@ def test_platform_picks_the_forms_by_backend_and_refuses_cpu_only_ones_elsewhere
     platform.depthwise_form('kernel', backend='tpu')
   with pytest.raises(errors.UserError, match="batch_norm form must be .* got 'folded'"):
     platform.batch_norm_form('folded')
+
+
+def test_padding_is_a_model_choice_and_a_bad_one_is_refused():
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, 16, 16, 3))
+  outputs = {}
+  for padding in ('same', 'symmetric'):
+    model = models.create('mnasnet_small', num_classes=4, padding=padding, depthwise='native')
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
+    outputs[padding] = model.apply(variables, x)
+  assert not np.allclose(outputs['same'], outputs['symmetric'])  # stride 2 on even sizes differs
+  with pytest.raises(errors.UserError, match="padding 'valid': expected one of"):
+    models.create('mnasnet_small', padding='valid')

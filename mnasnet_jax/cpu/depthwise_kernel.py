@@ -100,14 +100,15 @@ def available() -> bool:
   return _load() is None
 
 
-def _attributes(size, kernel_size: int, stride: int) -> dict:
-  pads = [blocks_lib.same_padding(s, kernel_size, stride) for s in size]
+def _attributes(size, kernel_size: int, stride: int, padding: str) -> dict:
+  pads = [blocks_lib.conv_padding(s, kernel_size, stride, padding) for s in size]
   return {'stride': np.int64(stride), 'top': np.int64(pads[0][0]), 'left': np.int64(pads[1][0])}
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def depthwise(x, kernel, stride: int):
-  """k x k depthwise conv, 'SAME' padding, NHWC float32, on CPU only."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def depthwise(x, kernel, stride: int, padding: str):
+  """k x k depthwise conv, NHWC float32, on CPU only; `padding` is one of blocks.PADDINGS (both
+  give the same output size: the kernels take the top and left padding alone)."""
   if x.dtype != jnp.float32 or kernel.dtype != jnp.float32:
     raise ValueError(f'the depthwise CPU kernels take float32, got {x.dtype} and {kernel.dtype}')
   if not available():
@@ -118,19 +119,19 @@ def depthwise(x, kernel, stride: int):
     jnp.float32,
   )
   return jax.ffi.ffi_call('mnasnet_depthwise_forward', out)(
-    x, kernel, **_attributes((h, w), kernel.shape[0], stride)
+    x, kernel, **_attributes((h, w), kernel.shape[0], stride, padding)
   )
 
 
-def _forward(x, kernel, stride):
-  return depthwise(x, kernel, stride), (x, kernel)
+def _forward(x, kernel, stride, padding):
+  return depthwise(x, kernel, stride, padding), (x, kernel)
 
 
-def _backward(stride, residuals, grad):
+def _backward(stride, padding, residuals, grad):
   x, kernel = residuals
   outs = tuple(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (x, kernel))
   return jax.ffi.ffi_call('mnasnet_depthwise_backward', outs)(
-    x, kernel, grad, **_attributes(x.shape[1:3], kernel.shape[0], stride)
+    x, kernel, grad, **_attributes(x.shape[1:3], kernel.shape[0], stride, padding)
   )
 
 

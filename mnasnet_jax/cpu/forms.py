@@ -1,7 +1,7 @@
 """The depthwise and regular convolutions written for XLA:CPU, in XLA alone.
 
-Both compute what models.depthwise_native and models.conv_native do (same kernels, 'SAME' padding),
-from the k*k strided windows of the padded input: the depthwise conv as per-channel multiply-adds
+Both compute what models.depthwise_native and models.conv_native do (same kernels, same padding:
+blocks.PADDINGS), from the k*k strided windows of the padded input: the depthwise conv as per-channel multiply-adds
 of the windows, the regular conv as one matrix product over them (im2col). platform.py says why
 each is the faster form on CPU.
 """
@@ -41,32 +41,32 @@ def _shifted_sum(padded, kernel, stride: int, out_h: int, out_w: int):
   return out
 
 
-def _pad_same(x, kernel_size: int, stride: int):
-  pads = [blocks_lib.same_padding(size, kernel_size, stride) for size in x.shape[1:3]]
+def _pad(x, kernel_size: int, stride: int, padding: str):
+  pads = [blocks_lib.conv_padding(size, kernel_size, stride, padding) for size in x.shape[1:3]]
   return jnp.pad(x, ((0, 0), *pads, (0, 0))), pads
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def depthwise_shifted(x, kernel, stride: int):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def depthwise_shifted(x, kernel, stride: int, padding: str):
   """The depthwise conv as k*k strided slices times per-channel weights: the CPU fallback when the
   compiled kernel (depthwise_kernel.py) cannot be built, and the CPU form for bfloat16.
 
   Its gradient is written by hand as the same kind of shifted sums (XLA's own transpose of the
   strided slices compiles slowly and runs no faster).
   """
-  padded, _ = _pad_same(x, kernel.shape[0], stride)
+  padded, _ = _pad(x, kernel.shape[0], stride, padding)
   out_h, out_w = (blocks_lib.same_output_size(s, stride) for s in x.shape[1:3])
   return _shifted_sum(padded, kernel, stride, out_h, out_w)
 
 
-def _depthwise_shifted_fwd(x, kernel, stride):
-  return depthwise_shifted(x, kernel, stride), (x, kernel)
+def _depthwise_shifted_fwd(x, kernel, stride, padding):
+  return depthwise_shifted(x, kernel, stride, padding), (x, kernel)
 
 
-def _depthwise_shifted_bwd(stride, residuals, grad):
+def _depthwise_shifted_bwd(stride, padding, residuals, grad):
   x, kernel = residuals
   k = kernel.shape[0]
-  padded, ((top, _), (left, _)) = _pad_same(x, k, stride)
+  padded, ((top, _), (left, _)) = _pad(x, k, stride, padding)
   out_h, out_w = grad.shape[1:3]
   windows = _windows(padded, k, stride, out_h, out_w)
   # One variadic reduction for all k*k taps: a single pass over the input and gradient. (A sum per
@@ -105,7 +105,7 @@ def _depthwise_shifted_bwd(stride, residuals, grad):
 depthwise_shifted.defvjp(_depthwise_shifted_fwd, _depthwise_shifted_bwd)
 
 
-def conv_matmul(x, kernel, stride: int):
+def conv_matmul(x, kernel, stride: int, padding: str):
   """The regular conv as one (pixels, k*k*C) x (k*k*C, O) matrix product over the k*k windows (for
   1x1 stride 1 the input itself). XLA:CPU runs a conv's weight gradient as a conv with an
   image-sized window, tens of times slower than this product's."""
@@ -113,7 +113,7 @@ def conv_matmul(x, kernel, stride: int):
   if k == 1 and stride == 1:
     patches = x
   else:
-    padded, _ = _pad_same(x, k, stride)
+    padded, _ = _pad(x, k, stride, padding)
     out_h, out_w = (blocks_lib.same_output_size(s, stride) for s in x.shape[1:3])
     patches = jnp.concatenate(_windows(padded, k, stride, out_h, out_w), axis=-1)
   n, h, w, depth = patches.shape

@@ -1,4 +1,4 @@
-"""The command line of every job: search, train, export, profile_latency, summary.
+"""The command line of every job: search, train, eval, export, profile_latency, summary.
 
 `python -m mnasnet_jax.main --config=CONFIG[:ARG] --workdir=DIR [--config.KEY=VALUE ...]`, the same
 as `python launch/main.py ...` and, once installed, `mnasnet ...`. CONFIG is a config file
@@ -28,6 +28,7 @@ JOBS = {
   'search': 'mnasnet_jax.search:run',
   'profile_latency': 'mnasnet_jax.latency.profiler:run',
   'train': 'mnasnet_jax.train:run',
+  'eval': 'mnasnet_jax.evaluate:run',
   'export': 'mnasnet_jax.latency.export:run',
 }
 

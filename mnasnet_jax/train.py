@@ -17,6 +17,7 @@ held-out accuracy) and `train_and_evaluate` (the 'train' job: checkpointed, resu
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import functools
 import os
 import time
@@ -38,6 +39,7 @@ from mnasnet_jax import input_pipeline
 from mnasnet_jax import memory
 from mnasnet_jax import models
 from mnasnet_jax import platform
+from mnasnet_jax import pretrained
 from mnasnet_jax.memory import DoesNotFit  # noqa: F401  (the search records it as 'oom')
 from mnasnet_jax.optim import learning_rate_schedule  # noqa: F401  (the recipe's API)
 from mnasnet_jax.optim import rmsprop_tf  # noqa: F401  (the recipe's API)
@@ -75,15 +77,28 @@ def num_steps(config, steps_per_epoch: float) -> int:
   return max(1, int(config.num_epochs * steps_per_epoch))
 
 
-def create_model(config, arch, num_classes: int) -> models.MnasNet:
-  """The model with BN statistics over groups of `config.bn_group_size` images of the global batch
-  (bn_groups.py), running averages at `config.bn_momentum` (a short proxy run re-estimates them
-  after training instead: `recalibrate_batch_stats`), and the architecture's own dropout unless
-  `config.dropout_rate` sets one."""
-  return models.create(
-    arch,
-    num_classes=num_classes,
-    depth_multiplier=config.depth_multiplier,
+def model_def(config, arch, num_classes: int) -> pretrained.ModelDef:
+  """The function the config's keys describe: `arch` at `config.depth_multiplier`, padded as
+  `config.padding`, with BN epsilon `config.bn_epsilon`."""
+  return pretrained.ModelDef(
+    models.architecture(arch),
+    config.depth_multiplier,
+    config.padding,
+    config.bn_epsilon,
+    num_classes,
+  )
+
+
+def create_model(
+  config, arch, num_classes: int, definition: pretrained.ModelDef | None = None
+) -> models.MnasNet:
+  """The model (`definition`, else the config's `model_def`) with BN statistics over groups of
+  `config.bn_group_size` images of the global batch (bn_groups.py), running averages at
+  `config.bn_momentum` (a short proxy run re-estimates them after training instead:
+  `recalibrate_batch_stats`), and the architecture's own dropout unless `config.dropout_rate` sets
+  one."""
+  definition = definition or model_def(config, arch, num_classes)
+  return definition.create(
     dropout_rate=config.dropout_rate,
     depthwise=config.depthwise,
     conv=config.conv,
@@ -108,14 +123,20 @@ def create_optimizer(config, steps_per_epoch: float):
   return tx, schedule
 
 
-def create_state(model, tx, image_size: int, ema: bool, seed: int, mesh=None) -> TrainState:
+def create_state(
+  model, tx, image_size: int, ema: bool, seed: int, mesh=None, initial=None
+) -> TrainState:
   """Initial state, computed where it lives: replicated on `mesh` (else on the default device) by
   one jitted program, which every process runs alike, so no host copy is placed and none is checked
-  across hosts."""
+  across hosts. `initial` ({variable path: array}, from `initial_variables`) replaces the fresh
+  values of the variables it names."""
 
-  def init():
+  def init(initial):
     init_key, rng = jax.random.split(jax.random.key(seed, impl=RNG_IMPL))
     variables = model.init(init_key, jnp.zeros((1, image_size, image_size, 3)))
+    variables = flax.traverse_util.unflatten_dict(
+      {**flax.traverse_util.flatten_dict(variables), **initial}
+    )
     params, batch_stats = variables['params'], variables['batch_stats']
     return TrainState(
       step=jnp.zeros([], jnp.int32),
@@ -128,7 +149,40 @@ def create_state(model, tx, image_size: int, ema: bool, seed: int, mesh=None) ->
       rng=jax.random.key_data(rng),
     )
 
-  return jax.jit(init, out_shardings=None if mesh is None else NamedSharding(mesh, P()))()
+  return jax.jit(init, out_shardings=None if mesh is None else NamedSharding(mesh, P()))(
+    initial or {}
+  )
+
+
+def initial_variables(model, image_size: int, loaded, where: str, new_classifier: bool = True):
+  """{path: array} of `loaded` variables that `model` starts from: all of them, but (when
+  `new_classifier`) a classifier for another number of classes, which starts afresh (fine-tuning
+  on another task). Any other difference is a UserError naming the variable and both shapes."""
+  shapes = flax.traverse_util.flatten_dict(
+    jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)))
+  )
+  flat = flax.traverse_util.flatten_dict(jax.tree.map(np.asarray, dict(loaded)))
+  taken = {}
+  for path, shape in shapes.items():
+    value = flat.get(path)
+    if value is not None and value.shape == shape.shape:
+      taken[path] = value
+    elif new_classifier and path[:2] == ('params', 'classifier') and value is not None:
+      logging.info(
+        '%s: a new classifier %s (the checkpoint has %s)', where, shape.shape, value.shape
+      )
+    else:
+      raise errors.UserError(
+        f'{where}: variable {"/".join(path)} has shape '
+        f'{"none" if value is None else value.shape}, expected {shape.shape} for the model'
+      )
+  extra = sorted(set(flat) - set(shapes))
+  if extra:
+    raise errors.UserError(
+      f'{where}: variable {"/".join(extra[0])} of shape {flat[extra[0]].shape} has no place in '
+      'the model'
+    )
+  return taken
 
 
 def weight_penalty(params, batch_stats):
@@ -545,7 +599,8 @@ def proxy_train(config, arch, data: input_pipeline.Data, seed: int = 0, devices=
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   """Trains `config.arch` on `config.data` with checkpoints in `workdir`; a restarted job resumes
   from the latest checkpoint (same step, optimizer and EMA state, same data order on in-memory
-  datasets). Returns the final evaluation."""
+  datasets). `config.init_from` (a train workdir or a timm/torchvision weights file) starts it from
+  those weights and that checkpoint's model (`start_from`). Returns the final evaluation."""
   from clu import metric_writers
   from clu import periodic_actions
   import orbax.checkpoint as ocp
@@ -561,9 +616,27 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   data = input_pipeline.create(config.data, config.data.split, process_index, process_count)
   steps_per_epoch = data.num_train / config.batch_size  # a float, as the official code's
   total_steps = num_steps(config, steps_per_epoch)
-  model = create_model(config, arch, data.num_classes)
+  manager = ocp.CheckpointManager(
+    os.path.join(workdir, 'checkpoints'),
+    options=ocp.CheckpointManagerOptions(
+      max_to_keep=config.checkpoints_to_keep, save_interval_steps=config.checkpoint_every_steps
+    ),
+  )
+  definition, loaded = start_from(
+    config, workdir, arch, data.num_classes, resumed=manager.latest_step() is not None
+  )
+  if process_index == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, MODEL_FILE), 'w') as f:
+      f.write(definition.to_json())
+  model = create_model(config, arch, data.num_classes, definition)
   tx, schedule = create_optimizer(config, steps_per_epoch)
-  state = create_state(model, tx, data.image_size, bool(config.ema_decay), config.seed, mesh)
+  initial = None
+  if loaded is not None:
+    initial = initial_variables(model, data.image_size, loaded, config.init_from)
+  state = create_state(
+    model, tx, data.image_size, bool(config.ema_decay), config.seed, mesh, initial
+  )
   image_stats = (data.mean, data.std)
   _, eval_fn = _steps(config, model, tx, schedule, mesh, image_stats=image_stats)
   batch_shapes = [
@@ -581,12 +654,6 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     image_stats,
   ).compiled
 
-  manager = ocp.CheckpointManager(
-    os.path.join(workdir, 'checkpoints'),
-    options=ocp.CheckpointManagerOptions(
-      max_to_keep=config.checkpoints_to_keep, save_interval_steps=config.checkpoint_every_steps
-    ),
-  )
   if manager.latest_step() is not None:
     state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(state))
   start_step = int(state.step)
@@ -638,6 +705,54 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 def run(config, workdir):
   """The 'train' job (mnasnet_jax/main.py)."""
   train_and_evaluate(config, workdir)
+
+
+MODEL_FILE = 'model.json'  # a train workdir's ModelDef: what its checkpoints' weights compute
+
+
+def start_from(config, workdir: str, arch, num_classes: int, resumed: bool):
+  """(ModelDef, variables or None) of a train job: a resumed run's own model (its model.json,
+  Orbax restores the weights); else `config.init_from`'s model with the data's classes, and its
+  weights; else the config's model, initialised afresh."""
+  path = os.path.join(workdir, MODEL_FILE)
+  if resumed and os.path.isfile(path):
+    with open(path) as f:
+      return pretrained.ModelDef.from_json(f.read()), None
+  if resumed or not config.init_from:
+    return model_def(config, arch, num_classes), None
+  checkpoint = load_checkpoint(config.init_from, config.source_model)
+  if checkpoint.model is None:
+    return model_def(config, arch, num_classes), checkpoint.variables
+  definition = dataclasses.replace(checkpoint.model, num_classes=num_classes)
+  logging.info('starting from %s: %s', config.init_from, definition)
+  return definition, checkpoint.variables
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+  variables: dict  # {'params', 'batch_stats'}
+  model: pretrained.ModelDef | None  # None: a workdir that does not name it (the config's)
+
+
+def load_checkpoint(path: str, source_model: str | None = None, use_ema: bool = True):
+  """The Checkpoint of a 'train' job's workdir (its latest checkpoint, EMA weights when
+  `use_ema` and kept; the model its model.json names) or of a timm or torchvision weights file
+  (pretrained.import_file: the file's source model, `source_model` or identified)."""
+  if os.path.isdir(path):
+    model_path = os.path.join(path, MODEL_FILE)
+    model = None
+    if os.path.isfile(model_path):
+      with open(model_path) as f:
+        model = pretrained.ModelDef.from_json(f.read())
+    return Checkpoint(restore_variables(path, use_ema), model)
+  if not os.path.exists(path):
+    raise errors.UserError(
+      f'checkpoint {path!r} does not exist: expected the --workdir of a configs/train.py run or '
+      'a timm or torchvision .safetensors or .pth file'
+    )
+  name, model, variables = pretrained.import_file(path, source_model)
+  logging.info('imported %s as %s', path, name)
+  return Checkpoint(variables, model)
 
 
 def restore_variables(workdir: str, use_ema: bool = True) -> dict:

@@ -109,6 +109,8 @@ def data_and_proxy_config(arg=None):
       not in (
         'job',
         'arch',
+        'init_from',
+        'source_model',
         'seed',
         'data',
         'log_every_steps',

@@ -3,7 +3,9 @@
 `configs/train.py` is the paper's recipe: mnasnet_a1 on ImageNet at 224, batch 4096, 350 epochs.
 ARG: `local` trains on Fashion-MNIST (32x32, 10 classes) on this CPU; `resolution=N` sets the image
 size (e.g. `local,resolution=64`). `--config.arch` takes a named architecture or comma-separated
-block strings (a searched model).
+block strings (a searched model). `--config.init_from` fine-tunes: it starts from a train workdir's
+weights or a timm or torchvision weights file (.safetensors, .pth) and its model (architecture,
+depth multiplier, padding, BN epsilon), with a new classifier when the classes differ.
 """
 
 import ml_collections
@@ -61,6 +63,14 @@ def get_config(arg=None):
   config.bn_group_size = 128  # images per BN statistic, as per TPU core in the official
   # recipe (bn_groups.py); None: the whole global batch
   config.depth_multiplier = 1.0
+  config.padding = 'same'  # TF's, the official code's; 'symmetric': PyTorch's (blocks.PADDINGS)
+  config.bn_epsilon = 1e-3  # the official code's; PyTorch's MnasNets use 1e-5
+  # Fine-tuning: the weights to start from (a train workdir, or a timm / torchvision file that
+  # mnasnet_jax/pretrained.py imports) and, for a file, its source model's name ('semnasnet_100',
+  # 'mnasnet1_0', ...; None: identified from its tensors). A checkpoint that names its model (a
+  # file, a workdir's model.json) replaces arch, depth_multiplier, padding and bn_epsilon.
+  config.init_from = config_dict.placeholder(str)
+  config.source_model = config_dict.placeholder(str)
   config.depthwise = 'auto'  # grouped conv on TPU/GPU, compiled C++ kernels on CPU
   config.conv = 'auto'  # other convs: conv op on TPU/GPU, matrix product on CPU
   config.dtype = 'auto'  # bfloat16 on TPU

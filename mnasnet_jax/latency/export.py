@@ -138,15 +138,22 @@ def export_tflite(
   params=None,
   seed: int = 0,
   depth_multiplier: float = 1.0,
+  padding: str = 'same',
+  bn_epsilon: float = models.MnasNet.bn_epsilon,
 ) -> str:
   """Writes `arch` (a name or block strings) as a TFLite model of input [1, res, res, 3].
 
-  `params`: the Flax variables ({'params', 'batch_stats'}) of `models.create(arch, ...)`; None
-  draws random ones (enough for latency). Returns the path.
+  `params`: the Flax variables ({'params', 'batch_stats'}) of `models.create(arch, ...)` with this
+  `padding` and `bn_epsilon`; None draws random ones (enough for latency). Returns the path.
   """
   # The native depthwise form spares building the CPU kernel that inference_model drops anyway.
   model = models.create(
-    arch, num_classes=num_classes, depth_multiplier=depth_multiplier, depthwise='native'
+    arch,
+    num_classes=num_classes,
+    depth_multiplier=depth_multiplier,
+    depthwise='native',
+    padding=padding,
+    bn_epsilon=bn_epsilon,
   )
   shape = (1, resolution, resolution, 3)
   variables = random_variables(model, shape, seed) if params is None else params
@@ -155,23 +162,28 @@ def export_tflite(
 
 
 def run(config, workdir):
-  """launch/main.py's 'export' job: DIR/model.tflite from random or trained weights."""
+  """launch/main.py's 'export' job: DIR/model.tflite from random, trained or imported weights (the
+  model a checkpoint names, else the config's)."""
   from mnasnet_jax import train  # pylint: disable=g-import-not-at-top  (training is optional here)
 
   if not workdir:
     raise errors.UserError(f'the export job needs --workdir=DIR for its {config.filename}')
   variables = None
-  if config.checkpoint_dir:
-    variables = train.restore_variables(config.checkpoint_dir, use_ema=config.use_ema)
+  definition = train.model_def(config, config.arch, config.num_classes)
+  if config.checkpoint:
+    checkpoint = train.load_checkpoint(config.checkpoint, config.source_model, config.use_ema)
+    variables, definition = checkpoint.variables, checkpoint.model or definition
   if jax.process_index():  # every host of a multi-host job runs the job: one writes the file
     return
   path = export_tflite(
-    config.arch,
+    definition.arch,
     os.path.join(workdir, config.filename),
     config.resolution,
-    config.num_classes,
+    definition.num_classes,
     params=variables,
-    depth_multiplier=config.depth_multiplier,
+    depth_multiplier=definition.depth_multiplier,
+    padding=definition.padding,
+    bn_epsilon=definition.bn_epsilon,
   )
   print(
     f'wrote {path} ({os.path.getsize(path) / 1e6:.2f} MB, '

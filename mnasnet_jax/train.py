@@ -613,6 +613,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   local_batch = check_batch(config.batch_size, mesh, process_count)
   eval_batch = eval_batch_part(config.eval_batch_size, mesh, process_count)
   arch = models.architecture(config.arch)  # a malformed block string fails before the data loads
+  # So does a missing or mismatched init_from (read again by nothing when the run resumes).
+  init_checkpoint = (
+    load_checkpoint(config.init_from, config.source_model) if config.init_from else None
+  )
   data = input_pipeline.create(config.data, config.data.split, process_index, process_count)
   steps_per_epoch = data.num_train / config.batch_size  # a float, as the official code's
   total_steps = num_steps(config, steps_per_epoch)
@@ -623,7 +627,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     ),
   )
   definition, loaded = start_from(
-    config, workdir, arch, data.num_classes, resumed=manager.latest_step() is not None
+    config, workdir, arch, data.num_classes, manager.latest_step() is not None, init_checkpoint
   )
   if process_index == 0:
     os.makedirs(workdir, exist_ok=True)
@@ -710,17 +714,16 @@ def run(config, workdir):
 MODEL_FILE = 'model.json'  # a train workdir's ModelDef: what its checkpoints' weights compute
 
 
-def start_from(config, workdir: str, arch, num_classes: int, resumed: bool):
+def start_from(config, workdir: str, arch, num_classes: int, resumed: bool, checkpoint):
   """(ModelDef, variables or None) of a train job: a resumed run's own model (its model.json,
-  Orbax restores the weights); else `config.init_from`'s model with the data's classes, and its
-  weights; else the config's model, initialised afresh."""
+  Orbax restores the weights); else the model of `checkpoint` (config.init_from's) with the data's
+  classes, and its weights; else the config's model, initialised afresh."""
   path = os.path.join(workdir, MODEL_FILE)
   if resumed and os.path.isfile(path):
     with open(path) as f:
       return pretrained.ModelDef.from_json(f.read()), None
-  if resumed or not config.init_from:
+  if resumed or checkpoint is None:
     return model_def(config, arch, num_classes), None
-  checkpoint = load_checkpoint(config.init_from, config.source_model)
   if checkpoint.model is None:
     return model_def(config, arch, num_classes), checkpoint.variables
   definition = dataclasses.replace(checkpoint.model, num_classes=num_classes)

@@ -83,6 +83,23 @@ LOCAL_SEARCH = ('--config=configs/search.py:local', '--workdir={tmp}/work')
     (('--config=configs/nowhere.py',), '--config=configs/nowhere.py: no config file or module'),
     (('--config=configs/models.py', '--num_processes=two'), '--num_processes=two'),
     (('--config=configs/export.py:local',), 'the export job needs --workdir=DIR'),
+    (('--config=configs/eval.py:local',), 'the eval job needs --config.checkpoint'),
+    (
+      ('--config=configs/eval.py:local', '--config.checkpoint={tmp}/absent.safetensors'),
+      "checkpoint '{tmp}/absent.safetensors' does not exist",
+    ),
+    (
+      (
+        '--config=configs/train.py:local',
+        '--workdir={tmp}/work',
+        '--config.init_from={tmp}/corrupt.json',
+      ),
+      "weights file '{tmp}/corrupt.json': expected a .safetensors or .pth file",
+    ),
+    (
+      ('--config=configs/export.py:local', '--workdir={tmp}/work', '--config.padding=valid'),
+      "padding 'valid': expected one of ('same', 'symmetric')",
+    ),
     (
       ('--config=configs/profile_latency.py:local', '--workdir={tmp}/work', '--config.repeats=0'),
       'config.repeats = 0: expected a whole number >= 1',

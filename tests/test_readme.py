@@ -36,6 +36,8 @@ SMALL = {
     '--config.checkpoint_every_steps=2',
   ],
   'configs/export.py:local': [],
+  'configs/export.py': [],
+  'configs/eval.py:local': ['--config.eval_examples=100'],
   'configs/models.py': [],
   # A phone's table of the fixed MobileNetV2 network alone, at 32 px.
   'configs/profile_latency.py': [
@@ -62,7 +64,20 @@ SMALL = {
   'benchmarks/latency_table.py': ['--table=litert_cpu_32.json', '--num_random=2', '--batch=2000'],
 }
 # Commands that need ImageNet: without it each must stop at once with the how-to, no traceback.
-NEEDS_IMAGENET = ('configs/search.py', 'configs/train.py')
+NEEDS_IMAGENET = ('configs/search.py', 'configs/train.py', 'configs/eval.py')
+
+
+def hf_download(argv):
+  """What `hf download timm/<model>.<tag> FILE --local-dir DIR` leaves, without the network: FILE,
+  the safetensors of that timm model built here with random weights."""
+  from safetensors.torch import save_file
+  import timm
+
+  model = timm.create_model(argv[2].split('/')[1].split('.')[0], pretrained=False)
+  directory = argv[argv.index('--local-dir') + 1]
+  os.makedirs(directory, exist_ok=True)
+  state = {k: v.contiguous() for k, v in model.state_dict().items()}
+  save_file(state, os.path.join(directory, argv[3]))
 
 
 def readme_commands():
@@ -115,6 +130,9 @@ def test_every_readme_command_runs(tmp_path, fake_adb, fake_gcloud):
       continue  # .ci/run's part: see above
     if argv[0] == 'export':
       env.update(a.split('=', 1) for a in argv[1:])
+      continue
+    if argv[:2] == ['hf', 'download']:
+      hf_download(argv)
       continue
     if argv[0] == 'python':
       key = what_it_runs(argv)

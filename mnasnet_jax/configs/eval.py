@@ -34,7 +34,7 @@ def get_config(arg=None):
     'conv',
     'dtype',
     'eval_batch_size',
-    'eval_examples',
   ):
     config[key] = recipe[key]
+  config.eval_examples = config_dict.placeholder(int)  # None: the whole evaluation set
   return config

@@ -223,6 +223,12 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
         state = state[key]
     if not isinstance(state, dict):
       raise errors.UserError(f'{path}: holds a {type(state).__name__}, expected a state dict')
+    other = next((k for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
+    if other is not None:
+      raise errors.UserError(
+        f'{path}: entry {other!r} is not a tensor ({type(state[other]).__name__}): expected a '
+        'state dict of tensors'
+      )
     state = {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in state.items()}
   else:
     raise errors.UserError(f'weights file {path!r}: expected a .safetensors or .pth file')

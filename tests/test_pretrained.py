@@ -91,6 +91,19 @@ def test_imported_logits_equal_the_source_models(name, tmp_path):
   assert error < 1e-5
 
 
+@pytest.mark.cpu_only
+def test_imported_weights_run_in_the_cpu_forms_too(tmp_path):
+  """The forms CPU training runs (compiled depthwise kernel, convs as matrix products, closed-form
+  BN) pad as the native ones: an imported model computes its source's logits in them."""
+  model = source_model('semnasnet_050')
+  definition, variables = pretrained.convert(
+    {k: v.numpy() for k, v in model.state_dict().items()}, 'semnasnet_050'
+  )
+  net = definition.create(depthwise='kernel', conv='matmul', batch_norm='closed_form')
+  got = np.asarray(jax.jit(net.apply)(variables, IMAGES))
+  assert relative_error(got, torch_logits(model, IMAGES)) < 1e-5
+
+
 def test_timm_mnasnet_small_first_skip_is_in_its_block_string():
   """timm's mnasnet_small adds an identity skip around its first layer; the official one has none.
   The difference is the block string's input width, under the official skip rule."""
@@ -142,6 +155,10 @@ def test_unreadable_files_are_user_errors(tmp_path):
   with pytest.raises(errors.UserError, match='weights_only=True'):
     pretrained.read_state_dict(str(evil))
   assert not (tmp_path / 'ran').exists()
+  not_tensors = tmp_path / 'checkpoint.pth'
+  torch.save({'epoch': 3, 'conv_stem.weight': torch.zeros(1)}, not_tensors)
+  with pytest.raises(errors.UserError, match="entry 'epoch' is not a tensor \\(int\\)"):
+    pretrained.read_state_dict(str(not_tensors))
   with pytest.raises(errors.UserError, match='expected a .safetensors or .pth file'):
     (tmp_path / 'model.h5').write_bytes(b'')
     pretrained.read_state_dict(str(tmp_path / 'model.h5'))

@@ -171,10 +171,14 @@ def initial_variables(model, image_size: int, loaded, where: str, new_classifier
       logging.info(
         '%s: a new classifier %s (the checkpoint has %s)', where, shape.shape, value.shape
       )
+    elif value is None:
+      raise errors.UserError(
+        f'{where} has no variable {"/".join(path)} (expected shape {shape.shape} for the model)'
+      )
     else:
       raise errors.UserError(
-        f'{where}: variable {"/".join(path)} has shape '
-        f'{"none" if value is None else value.shape}, expected {shape.shape} for the model'
+        f'{where}: variable {"/".join(path)} has shape {value.shape}, expected {shape.shape} '
+        'for the model'
       )
   extra = sorted(set(flat) - set(shapes))
   if extra:
@@ -613,7 +617,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   local_batch = check_batch(config.batch_size, mesh, process_count)
   eval_batch = eval_batch_part(config.eval_batch_size, mesh, process_count)
   arch = models.architecture(config.arch)  # a malformed block string fails before the data loads
-  # So does a missing or mismatched init_from (read again by nothing when the run resumes).
+  # So does a missing or unreadable init_from (read even when the run resumes from its own).
   init_checkpoint = (
     load_checkpoint(config.init_from, config.source_model) if config.init_from else None
   )

@@ -2,10 +2,12 @@
 from the files a user downloads (safetensors, .pth) and compared logit for logit; then the jobs
 that take an imported file: eval, fine-tuning (train's init_from) and the TFLite export."""
 
+import dataclasses
 import json
 import os
 import pickle
 
+import flax
 import jax
 import ml_collections
 import numpy as np
@@ -272,6 +274,22 @@ def test_fine_tuning_starts_from_an_imported_file_with_a_new_classifier(tmp_path
   config.update(again)
   train.train_and_evaluate(config, str(tmp_path / 'again'))
   assert train.load_checkpoint(str(tmp_path / 'again')).model == saved
+
+
+def test_a_checkpoint_differs_from_its_model_only_in_a_new_classifier():
+  small = pretrained.SOURCES['mnasnet_small'].model
+  loaded = export.random_variables(small.create(depthwise='native'), (1, 32, 32, 3))
+  ten = dataclasses.replace(small, num_classes=10).create(depthwise='native')
+  taken = train.initial_variables(ten, 32, loaded, 'ckpt')
+  assert set(flax.traverse_util.flatten_dict(loaded)) - set(taken) == {
+    ('params', 'classifier', 'kernel'),
+    ('params', 'classifier', 'bias'),
+  }
+  with pytest.raises(errors.UserError, match=r'ckpt: variable params/classifier/\w+ has shape'):
+    train.initial_variables(ten, 32, loaded, 'ckpt', new_classifier=False)
+  a1 = pretrained.SOURCES['semnasnet_100'].model.create(depthwise='native')
+  with pytest.raises(errors.UserError, match=r'ckpt.* variable \S+ (has shape|of shape)'):
+    train.initial_variables(a1, 32, loaded, 'ckpt')
 
 
 def test_init_from_a_missing_path_is_one_line(tmp_path):

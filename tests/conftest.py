@@ -13,6 +13,10 @@ import pytest
 os.environ['JAX_PLATFORMS'] = 'cpu'
 jax.config.update('jax_platforms', 'cpu')
 jax.config.update('jax_num_cpu_devices', 8)
+# The tests run each compiled program once or twice, on small inputs: XLA:CPU's LLVM passes, not the
+# running, are most of their time (a model's init compiled 3x faster without them). The jobs the slow
+# tier launches, benchmarks and users' runs compile with every optimisation.
+jax.config.update('jax_disable_most_optimizations', True)
 
 BENCHMARK_OUTPUT = """\
 STARTING!

@@ -18,7 +18,7 @@ import pytest
 pytestmark = pytest.mark.slow  # runs every README command: minutes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TEST_COMMAND = ['python3', '-m', 'pytest', '-q', 'tests']
+TEST_COMMAND = ['python3', '-m', 'pytest', '-q', '-n', '2', 'tests']
 
 # Arguments appended to a command (later flags win) so it runs in seconds; keyed by what it runs.
 SMALL = {

@@ -764,18 +764,25 @@ def load_checkpoint(path: str, source_model: str | None = None, use_ema: bool = 
 
 def restore_variables(workdir: str, use_ema: bool = True) -> dict:
   """The Flax variables ({'params', 'batch_stats'}) of a 'train' job's latest checkpoint; its EMA
-  weights and statistics when it keeps them and `use_ema`."""
+  weights and statistics when it keeps them and `use_ema`. They are restored replicated over this
+  job's devices, whatever devices and hosts saved them (a checkpoint's own sharding names devices
+  another job's processes may not have)."""
   import orbax.checkpoint as ocp
 
   directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
-  manager = ocp.CheckpointManager(directory)
+  manager = ocp.CheckpointManager(directory, item_handlers=ocp.StandardCheckpointHandler())
   step = manager.latest_step()
   if step is None:
     raise errors.UserError(
       f'no training checkpoint in {directory}: expected the --workdir of a '
       f'configs/train.py run (run it with --workdir={workdir} first)'
     )
-  state = manager.restore(step, args=ocp.args.StandardRestore())
+  replicated = NamedSharding(platform.data_mesh(), P())
+  target = jax.tree.map(
+    lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=replicated),
+    manager.item_metadata(step),
+  )
+  state = manager.restore(step, args=ocp.args.StandardRestore(target))
   ema = use_ema and state.get('ema_params') is not None
   return {
     'params': state['ema_params' if ema else 'params'],

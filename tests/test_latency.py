@@ -202,6 +202,9 @@ def tiny_profile_config(**changes):
     statistic='min',
     flush_mib=1.0,
     log_every_seconds=0.0,
+    precision='float32',
+    recalibrate=None,
+    recalibration=dict(num_random=2, seed=2),
     adb=dict(
       binary='adb', serial='', device_dir='/data/local/tmp/m', benchmark_binary='/bm', cpu_mask='f0'
     ),
@@ -245,6 +248,22 @@ def test_profiler_covers_the_space_resumes_and_predicts_sums(tmp_path, monkeypat
   monkeypatch.setattr(export, 'to_tflite', lambda *a: pytest.fail('re-exported a finished unit'))
   profiler.profile(config, str(tmp_path))
   assert journal.read_text().count('\n') == len(records)
+
+
+def test_int8_profile_quantizes_every_unit_as_an_int8_network(tmp_path):
+  config = tiny_profile_config(precision='int8', search_space=None, architectures=(ARCH[1],))
+  table = profiler.profile(config, str(tmp_path))
+  assert table.precision == 'int8' and len(table) == 4
+  assert latency.LatencyTable.load(tmp_path / 'tiny.json').precision == 'int8'
+  # A unit is integer end to end, int8 in and out as between the layers of an int8 network.
+  layer = blocks.layers([ARCH[1]], 16, 8)[0]
+  shape = (1, 8, 8, 16)
+  net = export.inference_model(models.MnasNet(blocks=(), num_classes=10))
+  content = profiler.in_precision(export.module_tflite(net.layer(layer), shape), shape, 'int8')
+  run = interpreter(content, delegate=False)
+  assert run.get_input_details()[0]['dtype'] == run.get_output_details()[0]['dtype'] == np.int8
+  assert {d['dtype'] for d in run.get_tensor_details()} <= {np.int8, np.int32}
+  assert not {'QUANTIZE', 'DEQUANTIZE'} & {o['op_name'] for o in run._get_ops_details()}
 
 
 def test_journal_ignores_a_torn_last_line_only(tmp_path):
@@ -338,6 +357,7 @@ def test_adb_profile_job_and_failures(tmp_path, monkeypatch, fake_adb):
     ({'backend': 'phone'}, "config.backend = 'phone': expected 'litert' or 'adb'"),
     ({'repeats': 0}, 'config.repeats = 0: expected a whole number >= 1'),
     ({'statistic': 'mode'}, "config.statistic = 'mode': expected one of"),
+    ({'precision': 'int4'}, "config.precision = 'int4': expected one of ('float32', 'int8')"),
   ],
 )
 def test_profile_refuses_a_bad_setting_before_any_work(tmp_path, changes, named):

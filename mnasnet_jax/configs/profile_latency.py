@@ -3,11 +3,17 @@
 
 ARG: none (224 px, 1000 classes: `litert_cpu_224.json`) or `local` (32 px, 10 classes:
 `litert_cpu_32.json`, the table of the local CPU search on Fashion-MNIST); `resolution=N` profiles
-at N px (`litert_cpu_N.json`). The layers come from the search space of `configs/search.py` with the
-same ARG, plus the named architectures'.
+at N px (`litert_cpu_N.json`); `precision=int8` profiles every unit quantized as an int8 model is
+(`litert_cpu_N_int8.json`). The layers come from the search space of `configs/search.py` with the
+same `local` and `resolution`, plus the named architectures'.
+
+`--config.recalibrate=TABLE` (a shipped name or a path) profiles no unit: it times a handful of whole
+models on this job's backend (the named models and `recalibration.num_random` random ones), refits
+TABLE's calibration to them and writes the table, recording where and when, to DIR (about a minute).
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 from mnasnet_jax import models
 from mnasnet_jax.configs import common
@@ -15,15 +21,18 @@ from mnasnet_jax.configs import search
 
 
 def get_config(arg=None):
-  parsed = common.parse_local_arg(arg)
+  parsed = common.parse_arg(arg, local=False, resolution=(None, int), precision='float32')
   local = parsed.local
   config = ml_collections.ConfigDict()
   config.job = 'profile_latency'
-  config.search_space = search.get_config(arg).search_space
+  space_arg = f'local={local}' + (f',resolution={parsed.resolution}' if parsed.resolution else '')
+  config.search_space = search.get_config(space_arg).search_space
   config.architectures = tuple(models.ARCHITECTURES)  # every named model
   config.resolution = common.image_size(parsed)
   config.num_classes = 10 if local else 1000
-  config.table_name = f'litert_cpu_{config.resolution}.json'
+  config.precision = parsed.precision  # 'float32' or 'int8' (quantize.py)
+  suffix = '' if parsed.precision == 'float32' else f'_{parsed.precision}'
+  config.table_name = f'litert_cpu_{config.resolution}{suffix}.json'
   config.backend = 'litert'  # or 'adb' (a phone; see config.adb)
   # Each unit is timed in `instances` fresh interpreters, each `repeats` timed invokes after
   # `warmup` untimed ones; the table records these. Fresh interpreters are what make a minimum
@@ -43,6 +52,12 @@ def get_config(arg=None):
   # the one that adds up to whole networks on a shared machine (see latency/profiler.py).
   config.statistic = 'min'
   config.log_every_seconds = 30.0
+  # Recalibration of an existing table on the device at hand, instead of profiling one. The whole
+  # models are timed as the table's entries were (its recorded timing), on this config's backend.
+  config.recalibrate = config_dict.placeholder(str)  # a table's shipped name or path
+  config.recalibration = ml_collections.ConfigDict()
+  config.recalibration.num_random = 6  # random architectures of the table's space, beside the named
+  config.recalibration.seed = 2  # not the validation's (0) nor the shipped fit's (1) sample
   config.adb = ml_collections.ConfigDict()
   config.adb.binary = 'adb'
   config.adb.serial = ''  # '' = the only device attached

@@ -49,10 +49,19 @@ from mnasnet_jax import errors
 from mnasnet_jax import models
 from mnasnet_jax import search_space as search_space_lib
 from mnasnet_jax.latency import export
+from mnasnet_jax.latency import quantize
 from mnasnet_jax.latency import table as table_lib
 
 OVERHEAD_KEY = 'invoke_overhead'
-_PACKAGES = ('jax', 'jaxlib', 'flax', 'numpy', 'litert-converter', 'ai-edge-litert')
+_PACKAGES = (
+  'jax',
+  'jaxlib',
+  'flax',
+  'numpy',
+  'litert-converter',
+  'ai-edge-litert',
+  'ai-edge-quantizer',
+)
 
 
 def _timing_stats(seconds) -> dict:
@@ -338,16 +347,32 @@ def create_backend(config):
 # --- what to profile ------------------------------------------------------------------------------
 
 
-def overhead_tflite() -> bytes:
+def in_precision(content: bytes, input_shape, precision: str) -> bytes:
+  """A float unit `content` in `precision`: int8 is quantized as a whole int8 model is
+  (quantize.py), with int8 input and output as inside that network."""
+  if precision == 'int8':
+    return quantize.quantize_int8(content, quantize.random_samples(input_shape))
+  return content
+
+
+def overhead_tflite(precision: str = 'float32') -> bytes:
   """The smallest model: one add on one number. Its invoke time is the interpreter's fixed cost."""
-  return export.to_tflite(lambda x: x + 1.0, (1, 1, 1, 1))
+  shape = (1, 1, 1, 1)
+  return in_precision(export.to_tflite(lambda x: x + 1.0, shape), shape, precision)
 
 
-def profile_units(space, architectures, resolution: int, num_classes: int) -> dict:
+def _unit_tflite(module, shape, precision: str) -> bytes:
+  return in_precision(export.module_tflite(module, shape), shape, precision)
+
+
+def profile_units(
+  space, architectures, resolution: int, num_classes: int, precision: str = 'float32'
+) -> dict:
   """key -> (a function making that unit's TFLite model, its parameter count), every unit needed.
 
-  A unit is a part of the inference network (export.inference_model) exported alone: a stem of
-  each width, each distinct layer, a head of each input width and resolution."""
+  A unit is a part of the inference network (export.inference_model) exported alone, in
+  `precision`: a stem of each width, each distinct layer, a head of each input width and
+  resolution."""
   net = export.inference_model(models.MnasNet(blocks=(), num_classes=num_classes))
   parts = {}  # key -> (module, input shape)
   stems, heads = {space.stem_filters} if space else set(), set()
@@ -375,7 +400,10 @@ def profile_units(space, architectures, resolution: int, num_classes: int) -> di
   for width, res in sorted(heads):
     parts[table_lib.head_key(width, res, num_classes)] = (net.head(), (1, res, res, width))
   return {
-    key: (functools.partial(export.module_tflite, module, shape), export.param_count(module, shape))
+    key: (
+      functools.partial(_unit_tflite, module, shape, precision),
+      export.param_count(module, shape),
+    )
     for key, (module, shape) in parts.items()
   }
 
@@ -426,6 +454,7 @@ def profile(config, workdir: str) -> table_lib.LatencyTable:
   writers of one workdir would interleave them)."""
   if not workdir:
     raise errors.UserError('the profile_latency job needs --workdir=DIR (its journal and table)')
+  quantize.check_precision(config.precision)
   backend = create_backend(config)
   if config.statistic not in backend.STATISTICS:
     raise errors.UserError(
@@ -436,15 +465,18 @@ def profile(config, workdir: str) -> table_lib.LatencyTable:
     search_space_lib.SearchSpace(config.search_space) if config.search_space is not None else None
   )
   os.makedirs(workdir, exist_ok=True)
-  units = profile_units(space, tuple(config.architectures), config.resolution, config.num_classes)
-  units[OVERHEAD_KEY] = (overhead_tflite, 1)
+  units = profile_units(
+    space, tuple(config.architectures), config.resolution, config.num_classes, config.precision
+  )
+  units[OVERHEAD_KEY] = (functools.partial(overhead_tflite, config.precision), 1)
   statistic = f'{config.statistic}_ms'
   journal = os.path.join(workdir, f'{os.path.splitext(config.table_name)[0]}.journal.jsonl')
   done = read_journal(journal)
   todo = [key for key in units if key not in done]
   logging.info(
-    '%d units to profile at %dpx, %d classes: %d already in %s, %d to go',
+    '%d %s units to profile at %dpx, %d classes: %d already in %s, %d to go',
     len(units),
+    config.precision,
     config.resolution,
     config.num_classes,
     len(units) - len(todo),
@@ -494,6 +526,7 @@ def profile(config, workdir: str) -> table_lib.LatencyTable:
     num_classes=config.num_classes,
     backend=config.backend,
     device=backend.device(),
+    precision=config.precision,
     versions=library_versions(),
     date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
     timing={

@@ -15,8 +15,10 @@ relative least squares on whole-model timings of architectures other than those 
 validated on (a real layer's fixed cost exceeds a one-add model's). The file is JSON:
 
     {"format": "mnasnet_jax.latency_table", "version": 2, "resolution": 224, "num_classes": 1000,
-     "backend": "litert", "device": {...}, "versions": {...}, "date": "...", "timing": {...},
-     "calibration": {"overhead_ms": .., "unit_ms": .., "scale": 1.0, "note": ..},
+     "backend": "litert", "device": {...}, "precision": "float32", "versions": {...},
+     "date": "...", "timing": {...},
+     "calibration": {"overhead_ms": .., "unit_ms": .., "scale": 1.0, "note": ..,
+                     "recalibrated": {"device": .., "date": .., ...} (when refitted elsewhere)},
      "entries": {"<key>": {"ms": <timing.statistic>, "min_ms": .., "median_ms": .., "mean_ms": ..,
                            "std_ms": .., "count": .., "params": ..}}}
 """
@@ -125,6 +127,8 @@ class LatencyTable:
     self.device = device
     self.path = path
     self.metadata = metadata
+    # 'float32' or 'int8' (every unit quantized as a whole int8 model is; quantize.py).
+    self.precision = metadata.get('precision', 'float32')
     calibration = metadata.get('calibration') or {}
     self.overhead_ms = float(calibration.get('overhead_ms', 0.0))
     self.unit_ms = float(calibration.get('unit_ms', self.overhead_ms))
@@ -362,5 +366,5 @@ class LatencyTable:
   def __repr__(self):
     return (
       f'LatencyTable({self.path!r}, {self.resolution}px, {self.num_classes} classes, '
-      f'{len(self)} entries, {self.backend} on {self.device.get("name", "?")})'
+      f'{len(self)} {self.precision} entries, {self.backend} on {self.device.get("name", "?")})'
     )

@@ -3,33 +3,35 @@
     python benchmarks/latency_table.py --table=litert_cpu_32.json [--fit_calibration]
 
 Random architectures of the table's search space (recorded in the table) plus the named models are
-exported whole to TFLite and timed on the table's own backend exactly as its entries were (its
-`timing`: statistic, fresh interpreter instances, warm-up, repeats, cache flush; a phone's table on
-that phone); their times are compared with the table's predictions: mean absolute percentage error,
-worst error, Spearman rank correlation. Three predictions are reported: the plain sum of entries, the
-sum less the one-add model's invoke for all but one unit, and the calibrated one (table.py's formula).
+exported whole to TFLite in the table's precision and timed on the table's own backend (a phone's
+table on that phone) two ways: 'cold', exactly as its entries were (its `timing`: statistic, fresh
+interpreter instances, warm-up, repeats, cache flush), and 'back_to_back', as TFLite's
+benchmark_model times a model (warm-up, then invokes one after another, median over 3 fresh
+interpreters). Against each, the table's predictions: mean absolute percentage error, worst error,
+share within +-10%, Spearman rank correlation, mean signed error. Three predictions: the plain sum of
+entries, the sum less the one-add model's invoke for all but one unit, and the calibrated one
+(table.py's formula). `targets` names the protocol the calibration is fitted to: a flushed table's
+is 'cold' (what a layer costs inside a network on a shared machine's cold caches), an unflushed
+one's (a phone's benchmark_model) 'back_to_back'.
 
-`--fit_calibration` also fits the calibration's scale and unit_ms (relative least squares) on
-`--num_fit` OTHER random architectures (seed `--seed + 1`), timed interleaved with the validation
-set, writes it into the table file, and judges it on the validation set (seed `--seed`, plus the
-named models), none of which it saw.
+`--fit_calibration` also fits the calibration's scale and unit_ms (relative least squares, on the
+targeted protocol) on `--num_fit` OTHER random architectures (seed `--seed + 1`), timed interleaved
+with the validation set, writes it into the table file, and judges it on the validation set (seed
+`--seed`, plus the named models), none of which it saw. A table recalibrated on this device by
+the profile job's `recalibrate` is validated as it is.
 The last line printed is one JSON object.
 """
 
 import json
 import os
-import tempfile
 import time
 
 from absl import app
 from absl import flags
 import ml_collections
 import numpy as np
-from scipy import stats
 
 from mnasnet_jax import models
-from mnasnet_jax import search_space as search_space_lib
-from mnasnet_jax.latency import export
 from mnasnet_jax.latency import profiler
 from mnasnet_jax.latency import table as table_lib
 
@@ -49,35 +51,53 @@ _MEASURED = flags.DEFINE_string(
 )
 
 
-def sample(space, num, seed):
-  rng = np.random.default_rng(seed)
-  tokens = np.stack([rng.integers(0, n, num) for n in space.choices], axis=1)
-  return [space.decode(t) for t in tokens]
+PROTOCOLS = ('back_to_back', 'cold')
 
 
-def measure(archs, table, backend, label):
+def protocol_backends(table):
+  """protocol -> (backend, statistic) on the table's own backend and settings (a phone's table on
+  that phone): 'cold' as its entries were timed (caches emptied before each invoke, its
+  statistic), 'back_to_back' as TFLite's benchmark_model times a model (warm-up, then invokes one
+  after another, median over 3 fresh interpreters; benchmark_model's mean on a phone)."""
+  settings = ml_collections.ConfigDict(
+    {'backend': table.backend, 'adb': table.metadata['timing'].get('adb', {})}
+  )
+  back_to_back = 'median' if table.backend == 'litert' else 'mean'
+  return {
+    'cold': (profiler.table_backend(table, settings), table.metadata['timing']['statistic']),
+    'back_to_back': (
+      profiler.table_backend(table, settings, flush_mib=0.0, instances=3),
+      back_to_back,
+    ),
+  }
+
+
+def targeted(table) -> str:
+  """The protocol the table's calibration targets: its entries' (cold when they flushed)."""
+  return 'cold' if table.metadata['timing'].get('flush_mib', 0.0) > 0 else 'back_to_back'
+
+
+def measure(archs, table, backends):
+  """protocol -> whole-model ms of each architecture, exported once and timed both ways."""
   cache = {}
   if _MEASURED.value and os.path.exists(_MEASURED.value):
     cache = json.load(open(_MEASURED.value))
-  times = []
+  times = {protocol: [] for protocol in backends}
   start = time.time()
-  with tempfile.TemporaryDirectory() as tmp:
-    for i, arch in enumerate(archs):
-      name = arch if isinstance(arch, str) else ','.join(arch)
-      if name not in cache:
-        path = export.export_tflite(
-          arch, os.path.join(tmp, 'model.tflite'), table.resolution, table.num_classes, seed=i
-        )
-        with open(path, 'rb') as f:
-          cache[name] = backend.time(f.read(), 'model')[
-            f'{table.metadata["timing"]["statistic"]}_ms'
-          ]
-        if _MEASURED.value:
-          with open(_MEASURED.value, 'w') as f:
-            json.dump(cache, f)
-      times.append(cache[name])
-      print(f'{label}: {i + 1}/{len(archs)} timed, {time.time() - start:.0f} s', flush=True)
-  return np.asarray(times)
+  for i, arch in enumerate(archs):
+    name = arch if isinstance(arch, str) else ','.join(arch)
+    keys = {protocol: f'{protocol}|{name}' for protocol in backends}
+    if any(key not in cache for key in keys.values()):
+      content = profiler.model_tflite(arch, table, seed=i)
+      for protocol, (backend, statistic) in backends.items():
+        cache[keys[protocol]] = backend.time(content, 'model')[f'{statistic}_ms']
+      if _MEASURED.value:
+        with open(_MEASURED.value, 'w') as f:
+          json.dump(cache, f)
+    for protocol, key in keys.items():
+      times[protocol].append(cache[key])
+    print(f'time: {i + 1}/{len(archs)} timed, {time.time() - start:.0f} s', flush=True)
+  return {protocol: np.asarray(t) for protocol, t in times.items()}
 
 
 def raw_sums(table, archs):
@@ -85,51 +105,47 @@ def raw_sums(table, archs):
   return np.asarray([table.sums(arch) for arch in archs], np.float64)
 
 
-def errors(predicted, measured):
-  pct = np.abs(predicted - measured) / measured * 100
-  return {
-    'mape_pct': float(pct.mean()),
-    'worst_pct': float(pct.max()),
-    'spearman': float(stats.spearmanr(predicted, measured).statistic),
-  }
-
-
 def main(argv):
   del argv
   table = table_lib.LatencyTable.load(_TABLE.value)
-  space = search_space_lib.SearchSpace(ml_collections.ConfigDict(table.metadata['search_space']))
+  space = table.space
   timing = table.metadata['timing']
-  # The table's own backend and settings (a phone's table is validated on that phone).
-  backend = profiler.create_backend(ml_collections.ConfigDict({'backend': table.backend, **timing}))
+  backends = protocol_backends(table)
+  target = targeted(table)
   report = {
     'table': table.path,
+    'precision': table.precision,
     'resolution': table.resolution,
     'num_classes': table.num_classes,
     'entries': len(table),
     'overhead_ms': table.overhead_ms,
+    'calibration': {k: table.metadata['calibration'].get(k) for k in ('scale', 'unit_ms')},
+    'recalibrated': 'recalibrated' in table.metadata['calibration'],
+    'device': backends['cold'][0].device()['name'],
+    'targets': target,
   }
   # A process's first interpreter runs slow through all its repeats (seen: 13.3 ms against 10.0 ms
   # for the same model timed again): one discarded timing, so no measured model pays for it.
-  with tempfile.TemporaryDirectory() as tmp:
-    path = export.export_tflite(
-      'mobilenet_v2', os.path.join(tmp, 'warmup.tflite'), table.resolution, table.num_classes
-    )
-    with open(path, 'rb') as f:
-      backend.time(f.read(), 'warmup')
+  backends['cold'][0].time(profiler.model_tflite('mobilenet_v2', table), 'warmup')
 
   names = sorted(models.ARCHITECTURES)
-  random_archs = sample(space, _NUM_RANDOM.value, _SEED.value)
+  random_archs = profiler.random_architectures(space, _NUM_RANDOM.value, _SEED.value)
   archs = random_archs + names
-  fit_archs = sample(space, _NUM_FIT.value, _SEED.value + 1) if _FIT.value else []
+  fit_archs = (
+    profiler.random_architectures(space, _NUM_FIT.value, _SEED.value + 1) if _FIT.value else []
+  )
   # Fit and validation architectures are timed in one shuffled order: this machine's speed drifts
   # by a few percent over minutes, which would otherwise bias the fit against the validation.
   everything = fit_archs + archs
   order = np.random.default_rng(_SEED.value).permutation(len(everything))
-  times = np.empty(len(everything))
-  times[order] = measure([everything[i] for i in order], table, backend, 'time')
-  fit_measured, measured = times[: len(fit_archs)], times[len(fit_archs) :]
+  timed = measure([everything[i] for i in order], table, backends)
+  times = {}
+  for protocol, values in timed.items():
+    times[protocol] = np.empty(len(everything))
+    times[protocol][order] = values
 
   if _FIT.value:
+    fit_measured = times[target][: len(fit_archs)]
     scale, unit_ms = table_lib.fit_calibration(*raw_sums(table, fit_archs).T, fit_measured)
     data = json.load(open(table.path))
     data['calibration'].update(
@@ -137,7 +153,7 @@ def main(argv):
       unit_ms=unit_ms,
       note=(
         f'overhead_ms: {timing["statistic"]} invoke of a one-add model; scale, unit_ms: '
-        f'relative least squares of whole-model time on (sum, units - 1) over '
+        f'relative least squares of whole-model time ({target}) on (sum, units - 1) over '
         f'{len(fit_archs)} random architectures of the space (seed {_SEED.value + 1}), none '
         'of them judged in the validation'
       ),
@@ -150,20 +166,30 @@ def main(argv):
 
   sums, units = raw_sums(table, archs).T
   calibrated = np.asarray([table.predict(a) for a in archs])
-  report['validation'] = {
-    'num_random': len(random_archs),
-    'named': names,
-    'measured_ms_range': [float(measured.min()), float(measured.max())],
-    'plain_sum': errors(sums, measured),
-    'overhead_corrected': errors(sums - (units - 1) * table.overhead_ms, measured),
-    'calibrated': errors(calibrated, measured),
-    'named_models': {
-      n: {'measured_ms': float(m), 'predicted_ms': float(p)}
-      for n, m, p in zip(names, measured[-len(names) :], calibrated[-len(names) :])
-    },
+  report['validation'] = {'num_random': len(random_archs), 'named': names}
+  for protocol in PROTOCOLS:
+    measured = times[protocol][len(fit_archs) :]
+    report['validation'][protocol] = {
+      'measured_ms_range': [float(measured.min()), float(measured.max())],
+      'plain_sum': profiler.relative_errors(sums, measured),
+      'overhead_corrected': profiler.relative_errors(
+        sums - (units - 1) * table.overhead_ms, measured
+      ),
+      'calibrated': profiler.relative_errors(calibrated, measured),
+      'mean_signed_pct': float(np.mean((calibrated - measured) / measured) * 100),
+    }
+  report['named_models'] = {
+    n: {
+      'predicted_ms': float(calibrated[len(random_archs) + i]),
+      **{
+        f'{protocol}_ms': float(times[protocol][len(fit_archs) + len(random_archs) + i])
+        for protocol in PROTOCOLS
+      },
+    }
+    for i, n in enumerate(names)
   }
 
-  batch = sample(space, _BATCH.value, _SEED.value + 2)
+  batch = profiler.random_architectures(space, _BATCH.value, _SEED.value + 2)
   fresh = table_lib.LatencyTable.load(table.path)  # an empty block cache: the first pass fills it
   start = time.perf_counter()
   first = fresh.predict_batch(batch)

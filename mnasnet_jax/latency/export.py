@@ -9,6 +9,7 @@ ones; a latency table's unit is one of its parts (models.Stem, MnasLayer, Head) 
 from __future__ import annotations
 
 import functools
+import json
 import os
 
 import flax.linen as nn
@@ -19,6 +20,7 @@ import numpy as np
 
 from mnasnet_jax import errors
 from mnasnet_jax import models
+from mnasnet_jax.latency import quantize
 
 # --- the inference graph -----------------------------------------------------------------------
 
@@ -168,6 +170,7 @@ def run(config, workdir):
 
   if not workdir:
     raise errors.UserError(f'the export job needs --workdir=DIR for its {config.filename}')
+  quantize.check_precision(config.precision, config.io_dtype)
   variables = None
   definition = train.model_def(config, config.arch, config.num_classes)
   if config.checkpoint:
@@ -175,6 +178,10 @@ def run(config, workdir):
     variables, definition = checkpoint.variables, checkpoint.model or definition
   if jax.process_index():  # every host of a multi-host job runs the job: one writes the file
     return
+  weights = 'trained' if variables else 'random'
+  if variables is None and config.precision == 'int8':  # the JAX model's top-1 needs them too
+    shape = (1, config.resolution, config.resolution, 3)
+    variables = random_variables(definition.create(depthwise='native'), shape)
   path = export_tflite(
     definition.arch,
     os.path.join(workdir, config.filename),
@@ -185,7 +192,17 @@ def run(config, workdir):
     padding=definition.padding,
     bn_epsilon=definition.bn_epsilon,
   )
-  print(
-    f'wrote {path} ({os.path.getsize(path) / 1e6:.2f} MB, '
-    f'{"trained" if variables else "random"} weights)'
-  )
+  print(f'wrote {path} ({os.path.getsize(path) / 1e6:.2f} MB, {weights} weights)')
+  if config.precision == 'int8':
+    report = quantize.export_int8(config, definition, variables, path)
+    report_path = os.path.join(workdir, 'export_report.json')
+    with open(report_path, 'w') as f:
+      json.dump(report, f, indent=2)
+    top1, ms = report['top1'], report['latency_ms']
+    print(
+      f'wrote {report["int8_file"]} ({report["size_mb"]["int8"]:.2f} MB, int8, '
+      f'{config.io_dtype} input and output): top-1 {100 * top1["int8"]:.2f}% against the '
+      f"float JAX model's {100 * top1['jax_float32']:.2f}% on {top1['examples']} held-out "
+      f'images; {ms["int8"]["median"]:.3f} ms against {ms["float32"]["median"]:.3f} ms '
+      f'(median, back to back); {report_path}'
+    )

@@ -42,6 +42,7 @@ import time
 
 from absl import logging
 import jax
+import ml_collections
 import numpy as np
 
 from mnasnet_jax import blocks as blocks_lib
@@ -563,5 +564,143 @@ def profile(config, workdir: str) -> table_lib.LatencyTable:
   return table
 
 
+# --- whole models and recalibration ------------------------------------------------------------
+
+
+def random_architectures(space, num: int, seed: int) -> list[list[str]]:
+  """`num` architectures of `space`, every decision drawn uniformly (numpy's generator `seed`)."""
+  rng = np.random.default_rng(seed)
+  tokens = np.stack([rng.integers(0, n, num) for n in space.choices], axis=1)
+  return [space.decode(t) for t in tokens]
+
+
+def model_tflite(arch, table: table_lib.LatencyTable, seed: int = 0) -> bytes:
+  """`arch` whole, as the table's units were made: random weights, the table's resolution,
+  classes and precision (int8 in and out)."""
+  with tempfile.TemporaryDirectory() as tmp:
+    path = export.export_tflite(
+      arch, os.path.join(tmp, 'model.tflite'), table.resolution, table.num_classes, seed=seed
+    )
+    with open(path, 'rb') as f:
+      content = f.read()
+  return in_precision(content, (1, table.resolution, table.resolution, 3), table.precision)
+
+
+def table_backend(table: table_lib.LatencyTable, config, **changes):
+  """The backend of `config` (the device at hand) timing as `table`'s entries were timed (its
+  recorded counts, threads, cache flush), with `changes` to those settings."""
+  timing = {**table.metadata['timing'], **changes}
+  adb = config.adb.to_dict() if 'adb' in config else {}
+  return create_backend(
+    ml_collections.ConfigDict({**timing, 'backend': config.backend, 'adb': adb})
+  )
+
+
+def relative_errors(predicted, measured) -> dict:
+  """MAPE, worst error, share within +-10% (in %) and Spearman of `predicted` against `measured`."""
+  from scipy import stats
+
+  predicted, measured = np.asarray(predicted, np.float64), np.asarray(measured, np.float64)
+  pct = np.abs(predicted - measured) / measured * 100
+  return {
+    'mape_pct': float(pct.mean()),
+    'worst_pct': float(pct.max()),
+    'within_10_pct': float(np.mean(pct <= 10) * 100),
+    'spearman': float(stats.spearmanr(predicted, measured).statistic) if len(pct) > 2 else None,
+  }
+
+
+def recalibrate(config, workdir: str) -> table_lib.LatencyTable:
+  """Refits `config.recalibrate`'s calibration (scale, unit_ms) to whole models timed on this
+  job's backend (the named architectures and `recalibration.num_random` random ones of the table's
+  space), as its entries were timed; writes the table to the workdir with where and when.
+
+  The entries' ranking carries over from one device to another of its kind far better than their
+  scale (a machine 16% slower, a phone of another batch): two numbers refitted on a handful of
+  models in about a minute, instead of hours of profiling."""
+  if not workdir:
+    raise errors.UserError('the profile_latency job needs --workdir=DIR (the recalibrated table)')
+  name = config.recalibrate
+  if os.path.basename(name) != name and not os.path.exists(name):
+    raise errors.UserError(f'config.recalibrate = {name!r}: no such latency table file')
+  table = table_lib.LatencyTable.load(name)
+  count = config.recalibration.num_random
+  if count < 0:
+    raise errors.UserError(f'config.recalibration.num_random = {count}: expected a number >= 0')
+  statistic = table.metadata['timing']['statistic']
+  backend = table_backend(table, config)
+  if statistic not in backend.STATISTICS:
+    raise errors.UserError(
+      f'{table.path} was timed by its {statistic}, which the {config.backend} backend '
+      f'does not give (it gives {backend.STATISTICS})'
+    )
+  if table.space is None and not config.architectures:
+    raise errors.UserError(
+      f'{table.path} records no search space and config.architectures is empty'
+    )
+  archs = list(config.architectures) + (
+    random_architectures(table.space, count, config.recalibration.seed) if table.space else []
+  )
+  start = time.time()
+  measured = []
+  for i, arch in enumerate(archs):
+    content = model_tflite(arch, table, seed=i)
+    if i == 0:  # a process's first interpreter runs slow throughout: one discarded timing
+      backend.time(content, 'model')
+    measured.append(backend.time(content, 'model')[f'{statistic}_ms'])
+    logging.info('recalibration: %d/%d timed, %.0f s', i + 1, len(archs), time.time() - start)
+  before = [table.predict(a) for a in archs]
+  sums, units = np.asarray([table.sums(a) for a in archs], np.float64).T
+  scale, unit_ms = table_lib.fit_calibration(sums, units, measured)
+  calibration = dict(table.metadata['calibration'])
+  previous = {k: calibration.get(k) for k in ('scale', 'unit_ms')}
+  calibration.update(scale=scale, unit_ms=unit_ms)
+  table.metadata['calibration'] = calibration
+  recalibrated = table_lib.LatencyTable(
+    table.entries,
+    resolution=table.resolution,
+    num_classes=table.num_classes,
+    backend=table.backend,
+    device=table.device,
+    **table.metadata,
+  )
+  after = [recalibrated.predict(a) for a in archs]
+  calibration['recalibrated'] = {
+    'device': backend.device(),
+    'backend': config.backend,
+    'date': datetime.datetime.now(datetime.timezone.utc).isoformat(),
+    'seconds': round(time.time() - start, 1),
+    'from': table.path,
+    'previous': previous,
+    'architectures': [a if isinstance(a, str) else ','.join(a) for a in archs],
+    'measured_ms': measured,
+    'fit_before': relative_errors(before, measured),
+    'fit_after': relative_errors(after, measured),
+    'note': f'scale and unit_ms refitted on {len(archs)} whole models timed on this device by '
+    f"their {statistic}, as the entries were; the entries are the profiled device's",
+  }
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    path = recalibrated.save(os.path.join(workdir, os.path.basename(table.path)))
+    logging.info(
+      'wrote %s: scale %.4f -> %.4f, unit_ms %.4f -> %.4f; MAPE on its %d models %.1f%% -> '
+      '%.1f%%; %.0f s',
+      path,
+      previous['scale'],
+      scale,
+      previous['unit_ms'],
+      unit_ms,
+      len(archs),
+      calibration['recalibrated']['fit_before']['mape_pct'],
+      calibration['recalibrated']['fit_after']['mape_pct'],
+      time.time() - start,
+    )
+  return recalibrated
+
+
 def run(config, workdir):
-  profile(config, workdir)
+  """The profile_latency job: a table profiled unit by unit, or `config.recalibrate`'s refitted."""
+  if config.recalibrate:
+    recalibrate(config, workdir)
+  else:
+    profile(config, workdir)

@@ -15,6 +15,7 @@ the values.
 
 from __future__ import annotations
 
+import os
 from typing import Iterable
 
 import numpy as np
@@ -25,6 +26,10 @@ PRECISIONS = ('float32', 'int8')
 IO_DTYPES = ('int8', 'float32')
 SIGNATURE = 'serving_default'
 INPUT_NAME = 'images'  # export.to_tflite's signature
+# The narrowest activation range calibrated: a tensor that is constant on every calibration image
+# (a ReLU dead on all of them, common in a unit's SE on random inputs) otherwise gets a scale of
+# about 1e-12, which XNNPACK refuses ("failed to prepare"). Normalised activations span units.
+MIN_RANGE = 1e-2
 
 
 def check_precision(precision: str, io_dtype: str = 'int8', where: str = 'config'):
@@ -67,6 +72,9 @@ def quantize_int8(content: bytes, samples: Iterable[np.ndarray], io_dtype: str =
   if not data:
     raise errors.UserError('int8 quantization needs at least one calibration image')
   calibration = q.calibrate({SIGNATURE: data}, num_threads=1)
+  for qsv in calibration.values():
+    if 'min' in qsv and 'max' in qsv:
+      qsv['max'] = np.maximum(qsv['max'], qsv['min'] + MIN_RANGE).astype(np.float32)
   result = q.quantize(calibration, enable_progress_bar=False, enable_progress_report=False)
   return bytes(result.quantized_model)
 
@@ -103,3 +111,90 @@ class Runner:
       scale, zero = self.output['quantization']
       y = (y.astype(np.float32) - zero) * scale
     return y
+
+
+# --- the export job's int8 file ------------------------------------------------------------------
+
+
+def normalised(images, data) -> np.ndarray:
+  """uint8 images as the exported model takes them: (x - mean) / std per channel, float32."""
+  mean, std = (np.asarray(x, np.float32) for x in (data.mean, data.std))
+  return (np.asarray(images, np.float32) - mean) / std
+
+
+def representative_images(data, count: int, seed: int) -> list[np.ndarray]:
+  """`count` training images of `data` (as its training batches draw them), each [1, H, W, 3]
+  normalised: the ranges the int8 activations are calibrated to."""
+  if count < 1:
+    raise errors.UserError(f'config.calibration_images = {count}: expected a whole number >= 1')
+  images, _ = next(data.train_batches(count, seed))
+  return [x[None] for x in normalised(images, data)]
+
+
+def top1(definition, variables, contents: dict, data, examples, batch_size: int) -> dict:
+  """Top-1 of the float JAX model and of each TFLite file in `contents` (name -> bytes) on the
+  first `examples` held-out images of `data` (None: all), image by image for the files."""
+  import jax
+
+  model = definition.create(dtype='float32')
+  forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
+  runners = {name: Runner(content) for name, content in contents.items()}
+  correct = dict.fromkeys(['jax_float32', *runners], 0)
+  count = 0
+  for images, labels, mask in data.eval_batches(batch_size, examples):
+    x = normalised(images, data)
+    keep = mask > 0
+    correct['jax_float32'] += int(np.sum((np.argmax(forward(variables, x), -1) == labels)[keep]))
+    for name, run in runners.items():
+      predicted = np.array([np.argmax(run(image[None])) for image in x[keep]])
+      correct[name] += int(np.sum(predicted == labels[keep]))
+    count += int(keep.sum())
+  return {'examples': count, **{name: hits / max(count, 1) for name, hits in correct.items()}}
+
+
+def export_int8(config, definition, variables, float_path: str) -> dict:
+  """The export job's int8 half: `float_path` quantized on representative training images of
+  `config.data`, written beside it as `config.int8_filename`; reports the int8 file's top-1 against
+  the float JAX model's (and the float file's) on held-out images, and both files' latency timed
+  back to back after warm-up, as TFLite's benchmark_model times a model (`config.latency`)."""
+  from mnasnet_jax import input_pipeline
+  from mnasnet_jax.latency import profiler
+
+  data = input_pipeline.create(config.data, 'full')
+  if (data.image_size, data.num_classes) != (config.resolution, definition.num_classes):
+    raise errors.UserError(
+      f'config.data ({data.name}, {data.image_size} px, {data.num_classes} classes) does not '
+      f'match the model ({config.resolution} px, {definition.num_classes} classes): set '
+      'config.data.dataset and config.data.image_size to the data it was trained on'
+    )
+  with open(float_path, 'rb') as f:
+    float_content = f.read()
+  samples = representative_images(data, config.calibration_images, config.seed)
+  int8_content = quantize_int8(float_content, samples, config.io_dtype)
+  int8_path = os.path.join(os.path.dirname(float_path), config.int8_filename)
+  with open(int8_path, 'wb') as f:
+    f.write(int8_content)
+  files = {'float32': float_content, 'int8': int8_content}
+  accuracy = top1(definition, variables, files, data, config.eval_examples, config.eval_batch_size)
+  timing = config.latency
+  backend = profiler.LiteRTBackend(
+    timing.warmup, timing.repeats, timing.num_threads, timing.instances
+  )
+  latency = {name: backend.time(content, name) for name, content in files.items()}
+  return {
+    'float32_file': float_path,
+    'int8_file': int8_path,
+    'io_dtype': config.io_dtype,
+    'calibration_images': len(samples),
+    'held_out': f'{data.name} evaluation split, first {accuracy["examples"]} images',
+    'top1': accuracy,
+    'top1_delta_int8_vs_jax': accuracy['int8'] - accuracy['jax_float32'],
+    'size_mb': {name: len(content) / 1e6 for name, content in files.items()},
+    'latency_ms': {
+      name: {'median': stats['median_ms'], 'min': stats['min_ms']}
+      for name, stats in latency.items()
+    },
+    'latency_protocol': f'back to back after {timing.warmup} warm-up invokes, '
+    f'{timing.instances} fresh interpreters x {timing.repeats}, {timing.num_threads} thread(s)',
+    'device': backend.device()['name'],
+  }

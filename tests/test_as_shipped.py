@@ -5,7 +5,8 @@ subprocess, unchanged but for its data and its step and children counts, with th
 selects (platform.py: native depthwise and convs, autodiff BatchNorm, bfloat16 compute) in place of
 the CPU ones. No batch size is overridden: a shipped batch that does not split over a host's 8
 devices fails here as it would on the host. The two-process runs meet at a coordinator on
-127.0.0.1, as hosts of a pod slice do, and share one workdir.
+127.0.0.1, as hosts of a pod slice do, and share one workdir (MULTI_HOST_CASES: the configs several
+hosts run).
 """
 
 import json
@@ -25,8 +26,10 @@ from mnasnet_jax import history
 from mnasnet_jax import input_pipeline
 from mnasnet_jax import models
 from mnasnet_jax import platform
+from mnasnet_jax import pretrained
 from mnasnet_jax import search_space
 from mnasnet_jax import train
+from mnasnet_jax.configs import eval as eval_config
 from mnasnet_jax.configs import search as search_config
 from mnasnet_jax.configs import train as train_config
 from mnasnet_jax.latency import profiler
@@ -162,6 +165,50 @@ def check_export(workdir):
     assert f.read(8)[4:] == b'TFL3'  # the FlatBuffer file identifier of a TFLite model
 
 
+def weights_file(workdir, name: str, num_classes: int) -> str:
+  """A timm or torchvision weights file as a user downloads it (random weights: no network)."""
+  from safetensors.torch import save_file
+  import timm
+  import torchvision
+
+  if pretrained.SOURCES[name].library == 'timm':
+    model = timm.create_model(name, pretrained=False, num_classes=num_classes)
+  else:
+    model = getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
+  path = os.path.join(workdir, f'{name}.safetensors')
+  save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+  return path
+
+
+def eval_imagenet(workdir):
+  config = eval_config.get_config()
+  data = dict(IMAGENET_DATA, num_train=8, num_eval=config.eval_batch_size)
+  return 'configs/eval.py', flags(
+    {
+      **{f'data.{k}': v for k, v in data.items()},
+      **tpu_forms(config),
+      'checkpoint': weights_file(workdir, 'semnasnet_100', 1000),
+    }
+  )
+
+
+def eval_local(workdir):
+  config = eval_config.get_config('local')
+  return 'configs/eval.py:local', flags(
+    {
+      **tpu_forms(config),
+      'checkpoint': weights_file(workdir, 'mnasnet1_0', 10),
+      'eval_examples': 1000,
+    }
+  )
+
+
+def check_eval(workdir):
+  result = json.load(open(os.path.join(workdir, 'eval.json')))
+  assert result['examples'] in (1000, eval_config.get_config().eval_batch_size)
+  assert 0 <= result['accuracy'] <= result['top5'] <= 1
+
+
 def shipped_32_px_entries() -> dict:
   return json.load(open(table_lib.shipped_table('litert_cpu_32.json')))['entries']
 
@@ -197,8 +244,15 @@ CASES = {
   'train': (train_imagenet, check_train),
   'train:local': (train_local, check_train),
   'export': (export_imagenet, check_export),
+  'eval': (eval_imagenet, check_eval),
+  'eval:local': (eval_local, check_eval),
   'profile_latency:local': (profile_local, check_profile),
 }
+
+
+# What several hosts run: the ImageNet configs (a pod slice's work) and the one profiling case; the
+# other ':local' configs are a notebook's or one host's (Colab, Kaggle's v5e-8), run on 8 devices.
+MULTI_HOST_CASES = [n for n in CASES if not n.endswith(':local') or n.startswith('profile_latency')]
 
 
 def launch(config, overrides, workdir, devices, process_id=0, distributed=()):
@@ -244,7 +298,7 @@ def test_on_8_devices(name, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('name', CASES)
+@pytest.mark.parametrize('name', MULTI_HOST_CASES)
 def test_as_2_processes_of_4_devices(name, tmp_path):
   make, check = CASES[name]
   workdir = str(tmp_path / 'work')

@@ -263,9 +263,9 @@ def test_padding_is_a_model_choice_and_a_bad_one_is_refused():
   x = jax.random.normal(jax.random.PRNGKey(0), (1, 16, 16, 3))
   outputs = {}
   for padding in ('same', 'symmetric'):
-    model = models.create('mnasnet_small', num_classes=4, padding=padding, depthwise='native')
+    model = models.create(TINY, num_classes=4, padding=padding, depthwise='native')
     variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
-    outputs[padding] = model.apply(variables, x)
+    outputs[padding] = jax.jit(model.apply)(variables, x)
   assert not np.allclose(outputs['same'], outputs['symmetric'])  # stride 2 on even sizes differs
   with pytest.raises(errors.UserError, match="padding 'valid': expected one of"):
     models.create('mnasnet_small', padding='valid')

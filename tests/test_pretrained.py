@@ -78,7 +78,17 @@ def relative_error(got, expected):
 IMAGES = np.random.default_rng(0).normal(size=(2, RESOLUTION, RESOLUTION, 3)).astype(np.float32)
 
 
-@pytest.mark.parametrize('name', sorted(pretrained.SOURCES))
+# One variant of each library in the fast tier; every variant in the full suite.
+FAST_VARIANTS = ('semnasnet_100', 'mnasnet1_0')
+
+
+@pytest.mark.parametrize(
+  'name',
+  [
+    n if n in FAST_VARIANTS else pytest.param(n, marks=pytest.mark.slow)
+    for n in sorted(pretrained.SOURCES)
+  ],
+)
 def test_imported_logits_equal_the_source_models(name, tmp_path):
   model = source_model(name)
   expected = torch_logits(model, IMAGES)

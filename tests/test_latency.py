@@ -99,6 +99,31 @@ def test_folded_model_equals_the_model_and_its_parts_are_the_units():
   assert unit_shapes(net.head(), last) == {k: shapes[k] for k in ('head', 'head_bn', 'classifier')}
 
 
+def test_int8_export_reports_top1_against_the_float_model_and_both_latencies(tmp_path, capsys):
+  from mnasnet_jax.configs.export import get_config as export_config
+
+  config = export_config('local,resolution=16')
+  config.arch = ','.join(ARCH[:2])
+  config.precision, config.io_dtype = 'int8', 'float32'
+  config.data.dataset, config.data.num_train, config.data.num_eval = 'synthetic', 64, 48
+  config.calibration_images, config.eval_examples, config.eval_batch_size = 16, 40, 32
+  config.latency.update(instances=1, warmup=1, repeats=2)
+  export.run(config, str(tmp_path))
+  report = json.loads((tmp_path / 'export_report.json').read_text())
+  assert report['top1']['examples'] == 40 and report['calibration_images'] == 16
+  assert set(report['top1']) == {'examples', 'jax_float32', 'float32', 'int8'}
+  # The float file computes the JAX model: the same predictions on every held-out image.
+  assert report['top1']['float32'] == report['top1']['jax_float32']
+  assert all(report['latency_ms'][p]['median'] > 0 for p in ('float32', 'int8'))
+  run = interpreter((tmp_path / 'model_int8.tflite').read_bytes(), delegate=False)
+  assert run.get_input_details()[0]['dtype'] == np.float32  # io_dtype float32: QUANTIZE first
+  assert {'QUANTIZE', 'DEQUANTIZE'} <= {o['op_name'] for o in run._get_ops_details()}
+  assert 'int8' in capsys.readouterr().out
+  config.io_dtype = 'int4'
+  with pytest.raises(errors.UserError, match="config.io_dtype = 'int4': expected one of"):
+    export.run(config, str(tmp_path))
+
+
 def test_layer_keys_normalise_what_does_not_change_compute():
   def key(block, width=16, res=8):
     return table_lib.layer_key(blocks.layers([block], width, res)[0])
@@ -149,6 +174,7 @@ def test_fit_calibration_recovers_a_known_scale_and_unit_cost():
   sums, units = rng.uniform(0.5, 5.0, 30), rng.integers(10, 40, 30)
   measured = 1.15 * (sums - (units - 1) * 0.006)
   assert table_lib.fit_calibration(sums, units, measured) == pytest.approx((1.15, 0.006), rel=1e-9)
+  assert table_lib.fit_scale(sums, units, measured, 0.006) == pytest.approx(1.15, rel=1e-12)
 
 
 def test_missing_layer_names_signature_and_path(tmp_path):
@@ -204,7 +230,7 @@ def tiny_profile_config(**changes):
     log_every_seconds=0.0,
     precision='float32',
     recalibrate=None,
-    recalibration=dict(num_random=2, seed=2),
+    recalibration=dict(num_random=2, seed=2, fit='scale'),
     adb=dict(
       binary='adb', serial='', device_dir='/data/local/tmp/m', benchmark_binary='/bm', cpu_mask='f0'
     ),
@@ -351,6 +377,69 @@ def test_adb_profile_job_and_failures(tmp_path, monkeypatch, fake_adb):
     profiler.AdbBackend(1, 1).time(b'', 'x')
 
 
+def test_recalibration_refits_the_table_on_whole_models_and_records_where(tmp_path):
+  named = ('r1_k3_s11_e1_i32_o16_noskip',)
+  config = tiny_profile_config(instances=1, repeats=2, flush_mib=0.0, architectures=named)
+  profiler.profile(config, str(tmp_path / 'table'))
+  config.recalibrate = str(tmp_path / 'table' / 'tiny.json')
+  table = profiler.recalibrate(config, str(tmp_path / 'new'))
+  done = table.metadata['calibration']['recalibrated']
+  assert done['device']['num_threads'] == 1 and done['backend'] == 'litert' and done['date']
+  assert len(done['architectures']) == len(done['measured_ms']) == 3  # 1 named + 2 random
+  # The calibration is the relative least-squares fit to those whole models' times: the scale
+  # alone by default, the unit's fixed cost kept.
+  archs = [a.split(',') for a in done['architectures']]
+  sums, units = np.asarray([table.sums(a) for a in archs]).T
+  unit_ms = done['previous']['unit_ms']
+  assert table.unit_ms == unit_ms
+  assert table.scale == pytest.approx(
+    table_lib.fit_scale(sums, units, done['measured_ms'], unit_ms), rel=1e-9
+  )
+  loaded = latency.LatencyTable.load(tmp_path / 'new' / 'tiny.json')
+  assert loaded.predict(archs[1]) == table.predict(archs[1])
+  assert loaded.metadata['calibration']['recalibrated'] == done
+
+
+def test_recalibration_through_adb_times_whole_models_on_the_phone(tmp_path, fake_adb):
+  log, _ = fake_adb
+  archs = ('r1_k3_s11_e1_i32_o16_noskip', 'r1_k3_s11_e1_i32_o16_noskip,r1_k3_s22_e3_i16_o24')
+  config = tiny_profile_config(backend='adb', search_space=None, architectures=archs)
+  profiler.profile(config, str(tmp_path / 'table'))
+  calls = len(log.read_text().splitlines())
+  config.recalibrate = str(tmp_path / 'table' / 'tiny.json')
+  config.recalibration.fit = 'scale_and_unit'
+  table = profiler.recalibrate(config, str(tmp_path / 'new'))
+  # Every unit and whole model takes the stand-in's 0.58 ms: the refit predicts exactly that.
+  assert [table.predict(a) for a in archs] == pytest.approx([0.58, 0.58])
+  done = table.metadata['calibration']['recalibrated']
+  assert done['device']['name'] == 'Google Pixel 1' and done['fit_after']['worst_pct'] < 1e-6
+  graphs = [c for c in map(json.loads, log.read_text().splitlines()[calls:]) if '--graph' in c[-1]]
+  assert len(graphs) == 2 * (len(archs) + 1)  # instances x (models + the discarded first)
+  with pytest.raises(errors.UserError, match="config.recalibrate = '/nowhere/t.json'"):
+    profiler.recalibrate(tiny_profile_config(recalibrate='/nowhere/t.json'), str(tmp_path))
+
+
+@pytest.mark.slow
+def test_search_on_an_int8_table_runs_end_to_end(tmp_path):
+  import test_search  # the toy search of tests/test_search.py: one searched block at 16 px
+
+  from mnasnet_jax import history
+  from mnasnet_jax import search
+
+  config = tiny_profile_config(
+    search_space=test_search._space_config(), num_classes=4, precision='int8', repeats=2
+  )
+  table = profiler.profile(config, str(tmp_path / 'table'))
+  search_config = test_search.tiny_config(str(tmp_path / 'table' / 'tiny.json'), num_children=2)
+  search.run(search_config, str(tmp_path / 'search'))
+  records = history.read(str(tmp_path / 'search' / 'history.jsonl'))
+  assert [r['status'] for r in records] == ['ok', 'ok']
+  space = search_space.SearchSpace(search_config.search_space)
+  for r in records:
+    arch = models.Architecture(tuple(space.decode(r['tokens'])), stem_filters=8)
+    assert r['latency_ms'] == pytest.approx(table.predict(arch))
+
+
 @pytest.mark.parametrize(
   'changes, named',
   [
@@ -369,7 +458,12 @@ def test_profile_refuses_a_bad_setting_before_any_work(tmp_path, changes, named)
 
 
 @pytest.mark.parametrize(
-  'name, arg', [('litert_cpu_32.json', 'local'), ('litert_cpu_224.json', None)]
+  'name, arg',
+  [
+    ('litert_cpu_32.json', 'local'),
+    ('litert_cpu_32_int8.json', 'local'),
+    ('litert_cpu_224.json', None),
+  ],
 )
 def test_shipped_tables_cover_the_space_and_named_models(name, arg):
   table = latency.LatencyTable.load(name)

@@ -611,8 +611,8 @@ def relative_errors(predicted, measured) -> dict:
 
 
 def recalibrate(config, workdir: str) -> table_lib.LatencyTable:
-  """Refits `config.recalibrate`'s calibration (scale, unit_ms) to whole models timed on this
-  job's backend (the named architectures and `recalibration.num_random` random ones of the table's
+  """Refits `config.recalibrate`'s calibration (its scale, or scale and unit_ms) to whole models
+  timed on this job's backend (the named architectures and `recalibration.num_random` random ones of the table's
   space), as its entries were timed; writes the table to the workdir with where and when.
 
   The entries' ranking carries over from one device to another of its kind far better than their
@@ -625,6 +625,11 @@ def recalibrate(config, workdir: str) -> table_lib.LatencyTable:
     raise errors.UserError(f'config.recalibrate = {name!r}: no such latency table file')
   table = table_lib.LatencyTable.load(name)
   count = config.recalibration.num_random
+  if config.recalibration.fit not in ('scale', 'scale_and_unit'):
+    raise errors.UserError(
+      f"config.recalibration.fit = {config.recalibration.fit!r}: expected 'scale' or "
+      "'scale_and_unit'"
+    )
   if count < 0:
     raise errors.UserError(f'config.recalibration.num_random = {count}: expected a number >= 0')
   statistic = table.metadata['timing']['statistic']
@@ -651,7 +656,10 @@ def recalibrate(config, workdir: str) -> table_lib.LatencyTable:
     logging.info('recalibration: %d/%d timed, %.0f s', i + 1, len(archs), time.time() - start)
   before = [table.predict(a) for a in archs]
   sums, units = np.asarray([table.sums(a) for a in archs], np.float64).T
-  scale, unit_ms = table_lib.fit_calibration(sums, units, measured)
+  if config.recalibration.fit == 'scale':
+    scale, unit_ms = table_lib.fit_scale(sums, units, measured, table.unit_ms), table.unit_ms
+  else:
+    scale, unit_ms = table_lib.fit_calibration(sums, units, measured)
   calibration = dict(table.metadata['calibration'])
   previous = {k: calibration.get(k) for k in ('scale', 'unit_ms')}
   calibration.update(scale=scale, unit_ms=unit_ms)

@@ -46,6 +46,11 @@ SMALL = {
     '--config.search_space.searched_blocks=()',
     "--config.architectures=('mobilenet_v2',)",
   ],
+  # A recalibration on two whole models.
+  'configs/profile_latency.py:local': [
+    '--config.recalibration.num_random=1',
+    "--config.architectures=('mnasnet_small',)",
+  ],
   'benchmarks/train_step.py': [
     '--arch=mnasnet_small',
     '--batch=2',

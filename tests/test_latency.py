@@ -122,6 +122,11 @@ def test_int8_export_reports_top1_against_the_float_model_and_both_latencies(tmp
   config.io_dtype = 'int4'
   with pytest.raises(errors.UserError, match="config.io_dtype = 'int4': expected one of"):
     export.run(config, str(tmp_path))
+  # Data that is not the model's is refused before anything is written.
+  config.io_dtype, config.data.image_size = 'int8', 24
+  with pytest.raises(errors.UserError, match=r'config.data \(synthetic, 24 px.*16 px, 10 classes'):
+    export.run(config, str(tmp_path / 'other'))
+  assert not (tmp_path / 'other').exists()
 
 
 def test_layer_keys_normalise_what_does_not_change_compute():

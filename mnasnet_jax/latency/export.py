@@ -176,6 +176,7 @@ def run(config, workdir):
   if config.checkpoint:
     checkpoint = train.load_checkpoint(config.checkpoint, config.source_model, config.use_ema)
     variables, definition = checkpoint.variables, checkpoint.model or definition
+  data = quantize.int8_data(config, definition) if config.precision == 'int8' else None
   if jax.process_index():  # every host of a multi-host job runs the job: one writes the file
     return
   weights = 'trained' if variables else 'random'
@@ -194,7 +195,7 @@ def run(config, workdir):
   )
   print(f'wrote {path} ({os.path.getsize(path) / 1e6:.2f} MB, {weights} weights)')
   if config.precision == 'int8':
-    report = quantize.export_int8(config, definition, variables, path)
+    report = quantize.export_int8(config, definition, variables, data, path)
     report_path = os.path.join(workdir, 'export_report.json')
     with open(report_path, 'w') as f:
       json.dump(report, f, indent=2)

@@ -125,8 +125,6 @@ def normalised(images, data) -> np.ndarray:
 def representative_images(data, count: int, seed: int) -> list[np.ndarray]:
   """`count` training images of `data` (as its training batches draw them), each [1, H, W, 3]
   normalised: the ranges the int8 activations are calibrated to."""
-  if count < 1:
-    raise errors.UserError(f'config.calibration_images = {count}: expected a whole number >= 1')
   images, _ = next(data.train_batches(count, seed))
   return [x[None] for x in normalised(images, data)]
 
@@ -152,14 +150,15 @@ def top1(definition, variables, contents: dict, data, examples, batch_size: int)
   return {'examples': count, **{name: hits / max(count, 1) for name, hits in correct.items()}}
 
 
-def export_int8(config, definition, variables, float_path: str) -> dict:
-  """The export job's int8 half: `float_path` quantized on representative training images of
-  `config.data`, written beside it as `config.int8_filename`; reports the int8 file's top-1 against
-  the float JAX model's (and the float file's) on held-out images, and both files' latency timed
-  back to back after warm-up, as TFLite's benchmark_model times a model (`config.latency`)."""
+def int8_data(config, definition):
+  """`config.data` for the int8 file's calibration and evaluation, loaded (and checked against the
+  model) before anything is exported."""
   from mnasnet_jax import input_pipeline
-  from mnasnet_jax.latency import profiler
 
+  if config.calibration_images < 1:
+    raise errors.UserError(
+      f'config.calibration_images = {config.calibration_images}: expected a whole number >= 1'
+    )
   data = input_pipeline.create(config.data, 'full')
   if (data.image_size, data.num_classes) != (config.resolution, definition.num_classes):
     raise errors.UserError(
@@ -167,6 +166,16 @@ def export_int8(config, definition, variables, float_path: str) -> dict:
       f'match the model ({config.resolution} px, {definition.num_classes} classes): set '
       'config.data.dataset and config.data.image_size to the data it was trained on'
     )
+  return data
+
+
+def export_int8(config, definition, variables, data, float_path: str) -> dict:
+  """The export job's int8 half: `float_path` quantized on representative training images of
+  `data` (`int8_data`), written beside it as `config.int8_filename`; reports the int8 file's top-1
+  against the float JAX model's (and the float file's) on held-out images, and both files' latency
+  timed back to back after warm-up, as TFLite's benchmark_model times a model (`config.latency`)."""
+  from mnasnet_jax.latency import profiler
+
   with open(float_path, 'rb') as f:
     float_content = f.read()
   samples = representative_images(data, config.calibration_images, config.seed)

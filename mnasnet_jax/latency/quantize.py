@@ -159,7 +159,7 @@ def int8_data(config, definition):
     raise errors.UserError(
       f'config.calibration_images = {config.calibration_images}: expected a whole number >= 1'
     )
-  data = input_pipeline.create(config.data, 'full')
+  data = input_pipeline.create(config.data, config.data.split)
   if (data.image_size, data.num_classes) != (config.resolution, definition.num_classes):
     raise errors.UserError(
       f'config.data ({data.name}, {data.image_size} px, {data.num_classes} classes) does not '
@@ -195,7 +195,7 @@ def export_int8(config, definition, variables, data, float_path: str) -> dict:
     'int8_file': int8_path,
     'io_dtype': config.io_dtype,
     'calibration_images': len(samples),
-    'held_out': f'{data.name} evaluation split, first {accuracy["examples"]} images',
+    'held_out': f'{data.name} ({config.data.split} split), first {accuracy["examples"]} images',
     'top1': accuracy,
     'top1_delta_int8_vs_jax': accuracy['int8'] - accuracy['jax_float32'],
     'size_mb': {name: len(content) / 1e6 for name, content in files.items()},

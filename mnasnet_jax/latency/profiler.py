@@ -612,11 +612,12 @@ def relative_errors(predicted, measured) -> dict:
 
 def recalibrate(config, workdir: str) -> table_lib.LatencyTable:
   """Refits `config.recalibrate`'s calibration (its scale, or scale and unit_ms) to whole models
-  timed on this job's backend (the named architectures and `recalibration.num_random` random ones of the table's
-  space), as its entries were timed; writes the table to the workdir with where and when.
+  timed on this job's backend (the named architectures and `recalibration.num_random` random ones
+  of the table's space), as its entries were timed; writes the table to the workdir with where
+  and when.
 
   The entries' ranking carries over from one device to another of its kind far better than their
-  scale (a machine 16% slower, a phone of another batch): two numbers refitted on a handful of
+  scale (a machine 16% slower, a phone of another batch): the scale refitted on a handful of
   models in about a minute, instead of hours of profiling."""
   if not workdir:
     raise errors.UserError('the profile_latency job needs --workdir=DIR (the recalibrated table)')
@@ -684,8 +685,10 @@ def recalibrate(config, workdir: str) -> table_lib.LatencyTable:
     'measured_ms': measured,
     'fit_before': relative_errors(before, measured),
     'fit_after': relative_errors(after, measured),
-    'note': f'scale and unit_ms refitted on {len(archs)} whole models timed on this device by '
-    f"their {statistic}, as the entries were; the entries are the profiled device's",
+    'fit': config.recalibration.fit,
+    'note': f'{"scale" if config.recalibration.fit == "scale" else "scale and unit_ms"} refitted '
+    f'on {len(archs)} whole models timed on this device by their {statistic}, as the entries '
+    "were; the entries are the profiled device's",
   }
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)

@@ -297,6 +297,19 @@ def test_int8_profile_quantizes_every_unit_as_an_int8_network(tmp_path):
   assert not {'QUANTIZE', 'DEQUANTIZE'} & {o['op_name'] for o in run._get_ops_details()}
 
 
+def test_profile_config_precision_argument_names_the_int8_table():
+  from mnasnet_jax.configs.profile_latency import get_config as profile_config
+
+  config = profile_config('local,precision=int8')
+  assert (config.precision, config.table_name, config.resolution) == (
+    'int8',
+    'litert_cpu_32_int8.json',
+    32,
+  )
+  assert config.search_space == search_config('local').search_space
+  assert profile_config('resolution=64').table_name == 'litert_cpu_64.json'
+
+
 def test_journal_ignores_a_torn_last_line_only(tmp_path):
   path = tmp_path / 'j.jsonl'
   path.write_text('{"key": "a", "ms": 1.0}\n{"key": "b", "ms"')

@@ -85,11 +85,12 @@ def hf_download(argv):
   save_file(state, os.path.join(directory, argv[3]))
 
 
-def readme_commands():
-  """argv of each shell command of the README's bash blocks, `&&` chains split, in order."""
+def readme_blocks():
+  """argv of each shell command of each of the README's bash blocks, `&&` chains split, in order."""
   text = open(os.path.join(ROOT, 'README.md')).read()
-  commands = []
+  blocks = []
   for block in re.findall(r'```bash\n(.*?)```', text, re.S):
+    commands = []
     for line in block.replace('\\\n', ' ').splitlines():
       if not line.strip() or line.lstrip().startswith('#'):
         continue
@@ -100,7 +101,30 @@ def readme_commands():
           argv = []
         else:
           argv.append(token)
-  return commands
+    blocks.append(commands)
+  return blocks
+
+
+def readme_commands():
+  return [argv for block in readme_blocks() for argv in block]
+
+
+def sequences():
+  """The README's commands in sequences that run on their own: a command joins the sequence of any
+  before it that names a path it names (it may read what that wrote, or see on a TPU VM's mount
+  what that did), and a block that sets environment variables stays whole."""
+  units = []
+  for block in readme_blocks():
+    sets_env = any(argv[0] == 'export' for argv in block)
+    units += [block] if sets_env else [[argv] for argv in block]
+  groups = []
+  for unit in units:
+    paths = {m for argv in unit for a in argv for m in re.findall(r'/(?:tmp|mnt)/[\w.-]+', a)}
+    joined = [g for g in groups if g[1] & paths]
+    groups = [g for g in groups if not g[1] & paths]
+    commands = [c for g in joined for c in g[0]] + unit
+    groups.append((commands, paths.union(*(g[1] for g in joined))))
+  return [commands for commands, _ in groups]
 
 
 def what_it_runs(argv):
@@ -122,17 +146,32 @@ def test_setup_and_test_commands_are_what_ci_runs():
   assert ci_commands[-1] == TEST_COMMAND  # the last thing CI does is the README's test command
 
 
-def test_every_readme_command_runs(tmp_path, fake_adb, fake_gcloud):
+def ci_part(argv) -> bool:
+  """The set-up and test commands: .ci/run runs them (see above)."""
+  return argv[0] in ('apt-get', 'pip') or argv == TEST_COMMAND
+
+
+SEQUENCES = [seq for seq in sequences() if not all(map(ci_part, seq))]
+
+
+def test_the_sequences_hold_every_command_once():
+  runs = [argv for seq in SEQUENCES for argv in seq]
+  others = [argv for argv in readme_commands() if not ci_part(argv)]
+  assert sorted(map(shlex.join, runs)) == sorted(map(shlex.join, others))
+  assert sum(argv[0] == 'python' for argv in runs) >= 10
+
+
+@pytest.mark.parametrize(
+  'sequence', SEQUENCES, ids=[f'{i}:{shlex.join(seq[0])[:40]}' for i, seq in enumerate(SEQUENCES)]
+)
+def test_every_readme_command_runs(sequence, tmp_path, fake_adb, fake_gcloud):
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   gcloud, gcloud_log = fake_gcloud
   env['PATH'] = f'{gcloud.parent}{os.pathsep}{env["PATH"]}'
   env['GCLOUD'] = str(gcloud)
-  ran = []
-  for argv in readme_commands():
+  for argv in sequence:
     command = shlex.join(argv)
     argv = [a.replace('/tmp/', f'{tmp_path}/') for a in argv]
-    if argv[0] in ('apt-get', 'pip') or argv == TEST_COMMAND:
-      continue  # .ci/run's part: see above
     if argv[0] == 'export':
       env.update(a.split('=', 1) for a in argv[1:])
       continue
@@ -154,13 +193,13 @@ def test_every_readme_command_runs(tmp_path, fake_adb, fake_gcloud):
     elif argv[0] not in ('launch/tpu.sh', 'gcloud'):
       pytest.fail(f'README command {command!r}: this test does not know how to run it')
     result = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    ran.append(argv[0])
     if argv[0] == sys.executable and what_it_runs(argv) in NEEDS_IMAGENET:
       assert result.returncode != 0 and 'imagenet2012' in result.stderr, command
       assert 'Traceback' not in result.stderr, result.stderr[-2000:]
     else:
       assert result.returncode == 0, f'{command}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}'
-  assert ran.count(sys.executable) >= 10
+  if not any(argv[0] == 'launch/tpu.sh' for argv in sequence):
+    return
   # What the README says `tpu.sh run` runs is what the script runs (up to its log redirection).
   calls = [line.rstrip('|').split('|') for line in gcloud_log.read_text().splitlines()]
   run_call = next(c for c in calls if any('nohup' in a for a in c))

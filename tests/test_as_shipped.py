@@ -324,6 +324,7 @@ def test_as_2_processes_of_4_devices(name, tmp_path):
 # --- in-process, on the 8 devices of conftest.py ------------------------------------------------
 
 
+@pytest.mark.slow
 def test_local_training_evaluates_with_its_shipped_eval_batch_on_8_devices(tmp_path):
   """500 images an eval batch do not split over 8 devices: the batch is padded to 504 and the
   padding masked out, so the 1,000 examples score as the model scores them one by one."""

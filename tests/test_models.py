@@ -69,7 +69,7 @@ def test_macs_against_xla_cost_analysis(arch):
 
 
 def test_output_shapes_and_dtypes():
-  model = models.create('mnasnet_small', num_classes=10)
+  model = models.create(TINY, num_classes=10)
   # The variables do not depend on the resolution: one init serves both.
   variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.ones((1, 32, 32, 3)))
   for size in (224, 32):

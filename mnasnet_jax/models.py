@@ -167,19 +167,7 @@ def _lax_padding(x, kernel_size: int, stride: int, padding: str):
   return [blocks_lib.conv_padding(s, kernel_size, stride, padding) for s in x.shape[1:3]]
 
 
-def depthwise_native(x, kernel, stride: int, padding: str):
-  """The grouped convolution: XLA's native depthwise op, fast on TPU/GPU, what TFLite exports."""
-  return lax.conv_general_dilated(
-    x,
-    kernel,
-    (stride, stride),
-    _lax_padding(x, kernel.shape[0], stride, padding),
-    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-    feature_group_count=x.shape[-1],
-  )
-
-
-def conv_native(x, kernel, stride: int, padding: str):
+def conv_native(x, kernel, stride: int, padding: str, groups: int = 1):
   """XLA's conv op: what TPU/GPU compilers and TFLite know best."""
   return lax.conv_general_dilated(
     x,
@@ -187,7 +175,13 @@ def conv_native(x, kernel, stride: int, padding: str):
     (stride, stride),
     _lax_padding(x, kernel.shape[0], stride, padding),
     dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+    feature_group_count=groups,
   )
+
+
+def depthwise_native(x, kernel, stride: int, padding: str):
+  """The grouped convolution: XLA's native depthwise op, fast on TPU/GPU, what TFLite exports."""
+  return conv_native(x, kernel, stride, padding, groups=x.shape[-1])
 
 
 class FoldedBatchNorm(nn.Module):
@@ -553,6 +547,15 @@ def summary(
     'depth_multiplier': depth_multiplier,
     'num_classes': num_classes,
   }
+
+
+def variable_shapes(module: nn.Module, input_shape):
+  """`module`'s variables as shapes and dtypes, on a float32 input of `input_shape`."""
+  return jax.eval_shape(
+    functools.partial(module.init, train=False),
+    jax.random.PRNGKey(0),
+    jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32),
+  )
 
 
 def count_params(params) -> int:

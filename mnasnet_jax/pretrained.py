@@ -238,12 +238,6 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
 # --- the import ---------------------------------------------------------------------------------
 
 
-def variable_shapes(model: models.MnasNet, resolution: int = 32):
-  return jax.eval_shape(
-    model.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1, resolution, resolution, 3), 'f4')
-  )
-
-
 def convert(state: dict[str, np.ndarray], name: str, where: str = 'the state dict'):
   """(ModelDef, Flax variables) of `state`, the state dict of source model `name` (SOURCES).
 
@@ -260,7 +254,7 @@ def convert(state: dict[str, np.ndarray], name: str, where: str = 'the state dic
     depthwise='native', conv='native', batch_norm='autodiff', dtype='float32'
   )
   resolution = 32  # any size: shapes do not depend on it
-  shapes = variable_shapes(model, resolution)
+  shapes = models.variable_shapes(model, (1, resolution, resolution, 3))
   variables = {'params': {}, 'batch_stats': {}}
   used = set()
   for key, collection, path in ENTRIES[source.library](model, resolution):

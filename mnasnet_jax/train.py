@@ -159,7 +159,7 @@ def initial_variables(model, image_size: int, loaded, where: str, new_classifier
   `new_classifier`) a classifier for another number of classes, which starts afresh (fine-tuning
   on another task). Any other difference is a UserError naming the variable and both shapes."""
   shapes = flax.traverse_util.flatten_dict(
-    jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)))
+    models.variable_shapes(model, (1, image_size, image_size, 3))
   )
   flat = flax.traverse_util.flatten_dict(jax.tree.map(np.asarray, dict(loaded)))
   taken = {}

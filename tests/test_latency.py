@@ -88,7 +88,7 @@ def test_folded_model_equals_the_model_and_its_parts_are_the_units():
   # The table's units are that network's parts: the same variables, layer by layer.
   shapes = jax.tree_util.tree_map(np.shape, folded['params'])
   unit_shapes = lambda module, shape: jax.tree_util.tree_map(
-    np.shape, export.variable_shapes(module, shape)['params']
+    np.shape, models.variable_shapes(module, shape)['params']
   )
   assert unit_shapes(net.stem(32), images.shape) == {k: shapes[k] for k in ('stem', 'stem_bn')}
   specs = model.layer_specs(32)

@@ -62,15 +62,6 @@ def fold_batchnorm(variables, epsilon: float = models.MnasNet.bn_epsilon):
   return {'params': fold(variables['params'], variables.get('batch_stats', {}))}
 
 
-def variable_shapes(module: nn.Module, input_shape):
-  """`module`'s variables as shapes and dtypes, on a float32 input of `input_shape`."""
-  return jax.eval_shape(
-    functools.partial(module.init, train=False),
-    jax.random.PRNGKey(0),
-    jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32),
-  )
-
-
 def random_variables(module: nn.Module, input_shape, seed: int = 0):
   """Variables of `module` with random values drawn in NumPy: shapes come from `eval_shape` alone,
   so no initialiser runs (for latency only the shapes matter; BN statistics are made non-trivial).
@@ -86,11 +77,11 @@ def random_variables(module: nn.Module, input_shape, seed: int = 0):
     fan_in = int(np.prod(leaf.shape[:-1]))
     return (rng.normal(0.0, 1.0, leaf.shape) / np.sqrt(fan_in)).astype(np.float32)
 
-  return jax.tree_util.tree_map_with_path(draw, variable_shapes(module, input_shape))
+  return jax.tree_util.tree_map_with_path(draw, models.variable_shapes(module, input_shape))
 
 
 def param_count(module: nn.Module, input_shape) -> int:
-  return models.count_params(variable_shapes(module, input_shape)['params'])
+  return models.count_params(models.variable_shapes(module, input_shape)['params'])
 
 
 # --- export ------------------------------------------------------------------------------------

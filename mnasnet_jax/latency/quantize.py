@@ -117,9 +117,10 @@ class Runner:
 
 
 def normalised(images, data) -> np.ndarray:
-  """uint8 images as the exported model takes them: (x - mean) / std per channel, float32."""
-  mean, std = (np.asarray(x, np.float32) for x in (data.mean, data.std))
-  return (np.asarray(images, np.float32) - mean) / std
+  """uint8 images as the exported model takes them: normalised as on the training devices."""
+  from mnasnet_jax import train
+
+  return np.asarray(train.normalise(images, (data.mean, data.std)))
 
 
 def representative_images(data, count: int, seed: int) -> list[np.ndarray]:

@@ -65,6 +65,16 @@ def best_records(records: Sequence[dict], top_k: int) -> list[dict]:
   return sorted(_ok(records), key=lambda r: (-r['reward'], r['trial']))[:top_k]
 
 
+def mean_reward_per_step(records: Sequence[dict]) -> list[tuple[int, float]]:
+  """(step, mean reward) of every controller step, over the children it told the strategy (those
+  with a reward: failures count at the failure reward, children that did not fit not at all)."""
+  by_step = {}
+  for r in records:
+    if r.get('reward') is not None:
+      by_step.setdefault(r['step'], []).append(r['reward'])
+  return [(step, float(np.mean(by_step[step]))) for step in sorted(by_step)]
+
+
 def plot_pareto(records: Sequence[dict], target_ms: float, path: str, title: str) -> None:
   ok = _ok(records)
   fig, ax = plt.subplots(figsize=(7.5, 5.2), dpi=120)
@@ -194,6 +204,21 @@ def write_best(
     "training; latency is the lookup table's prediction; multiply-adds and parameters are "
     'counted analytically (`models.summary`).',
     '',
+  ]
+  means = mean_reward_per_step(records)
+  if means:
+    half = len(means) // 2
+    trend = (
+      f' (first {half} steps {np.mean([m for _, m in means[:half]]):.4f}, last {len(means) - half} '
+      f'{np.mean([m for _, m in means[half:]]):.4f})'
+      if half
+      else ''
+    )
+    lines += [
+      'Mean reward per controller step: ' + ', '.join(f'{m:.4f}' for _, m in means) + trend + '.',
+      '',
+    ]
+  lines += [
     '| rank | trial | step | reward | accuracy (%) | latency (ms) | params | mult-adds (M) '
     '| Pareto |',
     '|---:|---:|---:|---:|---:|---:|---:|---:|:---:|',

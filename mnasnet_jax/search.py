@@ -460,6 +460,7 @@ class Search:
       scalars['best_reward'] = self.best_reward
       if np.any(told):
         scalars['step_max_reward'] = float(np.max(rewards[told]))
+        scalars['step_mean_reward'] = float(np.mean(rewards[told]))  # does the policy improve?
       step_records = self.history.step_records(step)
       ok = [r for r in step_records if r['status'] == 'ok']
       if ok:

@@ -236,6 +236,7 @@ class Conv(nn.Module):
   use_bias: bool = False
   dtype: Any = jnp.float32
   padding: str = 'same'
+  bias_init: Callable = nn.initializers.zeros  # a detector's class logits start at a prior
 
   @nn.compact
   def __call__(self, x):
@@ -247,9 +248,7 @@ class Conv(nn.Module):
     )
     y = CONV[self.form](x.astype(self.dtype), kernel.astype(self.dtype), self.stride, self.padding)
     if self.use_bias:
-      y = y + self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32).astype(
-        self.dtype
-      )
+      y = y + self.param('bias', self.bias_init, (self.features,), jnp.float32).astype(self.dtype)
     return y
 
 
@@ -302,7 +301,9 @@ class Stem(nn.Module):
 
 
 class MnasLayer(nn.Module):
-  """One layer of a block: an inverted bottleneck (or a regular conv), SE, and its skip."""
+  """One layer of a block: an inverted bottleneck (or a regular conv), SE, and its skip.
+  `expansion_output` also returns the depthwise conv's input (its input itself without one): the
+  feature map SSDLite takes from the layer that enters stride 32."""
 
   spec: blocks_lib.Layer
   norm: Callable[..., nn.Module]
@@ -310,6 +311,7 @@ class MnasLayer(nn.Module):
   conv: str
   dtype: Any = jnp.float32
   padding: str = 'same'
+  expansion_output: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -318,7 +320,7 @@ class MnasLayer(nn.Module):
     pointwise = functools.partial(conv, kernel_size=1)
     bn = lambda x, name: self.norm(name=name)(x, use_running_average=not train)
     se = functools.partial(SqueezeExcite, spec.se_filters, self.conv, self.dtype, name='se')
-    inputs = x
+    inputs = expanded = x
     if spec.op == 'conv':
       x = conv(spec.out_filters, spec.kernel, stride=spec.stride, name='conv')(x)
       x = nn.relu(bn(x, 'conv_bn'))
@@ -328,6 +330,7 @@ class MnasLayer(nn.Module):
       if spec.expand != 1:
         x = pointwise(spec.hidden_filters, name='expand')(x)
         x = nn.relu(bn(x, 'expand_bn'))
+      expanded = x
       x = DepthwiseConv(
         spec.kernel, spec.stride, self.depthwise, self.dtype, self.padding, name='depthwise'
       )(x)
@@ -342,12 +345,13 @@ class MnasLayer(nn.Module):
         shortcut = pointwise(spec.out_filters, name='shortcut')(shortcut)
         shortcut = bn(shortcut, 'shortcut_bn')
       x = x + shortcut
-    return x
+    return (x, expanded) if self.expansion_output else x
 
 
 class Head(nn.Module):
   """1x1 conv to `filters` (never scaled by the depth multiplier), BN, ReLU, global average pool,
-  dropout, dense; its variables are `head`, `head_bn` and `classifier`."""
+  dropout, dense; its variables are `head`, `head_bn` and `classifier`. `features_only` stops
+  before the pool (a detector's backbone: no classifier)."""
 
   num_classes: int
   filters: int
@@ -355,11 +359,14 @@ class Head(nn.Module):
   norm: Callable[..., nn.Module]
   conv: str
   dtype: Any = jnp.float32
+  features_only: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool):
     x = Conv(self.filters, 1, self.conv, dtype=self.dtype, name='head')(x)
     x = nn.relu(self.norm(name='head_bn')(x, use_running_average=not train))
+    if self.features_only:
+      return x
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     return nn.Dense(
@@ -391,6 +398,9 @@ class MnasNet(nn.Module):
   bn_axis_name: str | None = None
   bn_group_size: int | None = None  # images per BN statistic (bn_groups.py); None: the whole batch
   remat: bool = False  # recompute each layer's activations in the backward pass (memory.py)
+  # Return {'layer_<i>/expansion': each layer's depthwise input, 'head': the head's 1x1 features}
+  # instead of logits, with no classifier: a detector's backbone (mnasnet_jax/detection/).
+  feature_maps: bool = False
 
   def layer_specs(self, resolution: int) -> list[blocks_lib.Layer]:
     stem = blocks_lib.round_filters(self.stem_filters, self.depth_multiplier)
@@ -420,12 +430,27 @@ class MnasNet(nn.Module):
   @nn.nowrap
   def layer(self, spec: blocks_lib.Layer, name: str | None = None) -> MnasLayer:
     layer = nn.remat(MnasLayer, static_argnums=(2,)) if self.remat else MnasLayer  # 2: `train`
-    return layer(spec, self.norm(), self.depthwise, self.conv, self.dtype, self.padding, name=name)
+    return layer(
+      spec,
+      self.norm(),
+      self.depthwise,
+      self.conv,
+      self.dtype,
+      self.padding,
+      expansion_output=self.feature_maps,
+      name=name,
+    )
 
   @nn.nowrap
   def head(self) -> Head:
     return Head(
-      self.num_classes, self.head_filters, self.dropout_rate, self.norm(), self.conv, self.dtype
+      self.num_classes,
+      self.head_filters,
+      self.dropout_rate,
+      self.norm(),
+      self.conv,
+      self.dtype,
+      features_only=self.feature_maps,
     )
 
   @nn.compact
@@ -436,10 +461,15 @@ class MnasNet(nn.Module):
     stem = self.stem(blocks_lib.round_filters(self.stem_filters, self.depth_multiplier))
     nn.share_scope(self, stem)
     x = stem(images, train)
+    maps = {}
     for i, spec in enumerate(self.layer_specs(images.shape[1])):
       x = self.layer(spec, name=f'layer_{i}')(x, train)
+      if self.feature_maps:
+        x, maps[f'layer_{i}/expansion'] = x
     head = self.head()
     nn.share_scope(self, head)
+    if self.feature_maps:
+      return {**maps, 'head': head(x, train)}
     return head(x, train).astype(jnp.float32)
 
 

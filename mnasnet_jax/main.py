@@ -1,4 +1,4 @@
-"""The command line of every job: search, train, eval, export, profile_latency, summary.
+"""The command line of every job: search, train, eval, export, profile_latency, summary, detect.
 
 `python -m mnasnet_jax.main --config=CONFIG[:ARG] --workdir=DIR [--config.KEY=VALUE ...]`, the same
 as `python launch/main.py ...` and, once installed, `mnasnet ...`. CONFIG is a config file
@@ -30,6 +30,7 @@ JOBS = {
   'train': 'mnasnet_jax.train:run',
   'eval': 'mnasnet_jax.evaluate:run',
   'export': 'mnasnet_jax.latency.export:run',
+  'detect': 'mnasnet_jax.detection.job:run',
 }
 
 _CONFIG = config_flags.DEFINE_config_file(

@@ -1,5 +1,6 @@
-"""Search strategies behind one ask/tell interface: the paper's PPO-trained RNN controller, regularised
-evolution (Real et al. 2019) and random search.
+"""Search strategies behind one ask/tell interface: the paper's PPO-trained RNN controller, TuNAS's
+REINFORCE on independent per-decision logits, regularised evolution (Real et al. 2019) and random
+search.
 
     strategy = controller.create(config.controller, space.choices)
     state = strategy.init(seed)                            # a pytree of arrays (Orbax saves it)
@@ -37,7 +38,7 @@ import optax
 
 from mnasnet_jax import errors
 
-STRATEGIES = ('ppo', 'evolution', 'random')
+STRATEGIES = ('ppo', 'reinforce', 'evolution', 'random')
 _MASKED = -1e9  # logit of a padding option: probability exactly 0, no NaN in the entropy
 
 
@@ -276,6 +277,84 @@ class PPO:
     return state, {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
+# --- REINFORCE with independent logits (TuNAS) ----------------------------------------------------
+
+
+def _independent_log_probs(logits, choices):
+  valid = np.arange(logits.shape[1])[None, :] < np.asarray(choices)[:, None]
+  return jax.nn.log_softmax(jnp.where(valid, logits, _MASKED))
+
+
+class Reinforce:
+  """TuNAS's controller (Bender et al. 2020): one independent softmax per decision, no RNN, trained
+  by REINFORCE (advantage = reward - a moving-average baseline) with Adam; state: logits,
+  opt_state, baseline, key, step. The logits start at 0: every choice equally likely."""
+
+  def __init__(self, config, choices: Sequence[int]):
+    self.config = config
+    self.choices = tuple(int(c) for c in choices)
+    self.optimizer = optax.adam(config.learning_rate)
+    self._sample = jax.jit(self._sample_impl, static_argnums=1)
+    self._update = jax.jit(self._update_impl)
+
+  @_on_cpu
+  def init(self, seed: int) -> dict:
+    logits = jnp.zeros((len(self.choices), max(self.choices)), jnp.float32)
+    return {
+      'logits': logits,
+      'opt_state': self.optimizer.init(logits),
+      'baseline': jnp.zeros((), jnp.float32),
+      'key': jax.random.PRNGKey(seed),
+      'step': jnp.zeros((), jnp.int32),
+    }
+
+  def _sample_impl(self, state, num):
+    key, sample_key = jax.random.split(state['key'])
+    log_probs = _independent_log_probs(state['logits'], self.choices)
+    tokens = jax.random.categorical(sample_key, log_probs, shape=(num, len(self.choices)))
+    return tokens.astype(jnp.int32), {**state, 'key': key}
+
+  @_on_cpu
+  def ask(self, state, num: int):
+    tokens, state = self._sample(state, _check_num(num))
+    return np.array(tokens), state
+
+  def _update_impl(self, state, tokens, rewards):
+    config = self.config
+    baseline = jnp.where(state['step'] == 0, jnp.mean(rewards), state['baseline'])
+    advantages = rewards - baseline
+
+    def loss_fn(logits):
+      log_probs = _independent_log_probs(logits, self.choices)
+      chosen = jnp.take_along_axis(log_probs[None], tokens[:, :, None], axis=2)[..., 0].sum(1)
+      entropy = -jnp.sum(jnp.exp(log_probs) * log_probs)
+      return -jnp.mean(advantages * chosen) - config.entropy_weight * entropy, entropy
+
+    (_, entropy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['logits'])
+    updates, opt_state = self.optimizer.update(grads, state['opt_state'], state['logits'])
+    new_state = {
+      **state,
+      'logits': optax.apply_updates(state['logits'], updates),
+      'opt_state': opt_state,
+      'baseline': config.baseline_decay * baseline
+      + (1.0 - config.baseline_decay) * jnp.mean(rewards),
+      'step': state['step'] + 1,
+    }
+    metrics = {
+      'mean_reward': jnp.mean(rewards),
+      'max_reward': jnp.max(rewards),
+      'baseline': new_state['baseline'],
+      'entropy': entropy,
+    }
+    return new_state, metrics
+
+  @_on_cpu
+  def tell(self, state, tokens, rewards):
+    tokens, rewards = _as_batch(tokens, rewards, len(self.choices))
+    state, metrics = self._update(state, tokens, rewards)
+    return state, {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
 # --- regularised evolution ------------------------------------------------------------------------
 
 
@@ -417,6 +496,8 @@ def create(config, choices: Sequence[int]):
     raise ValueError(f'every position needs at least one option, got choices {choices}')
   if config.strategy == 'ppo':
     return PPO(config.ppo, choices)
+  if config.strategy == 'reinforce':
+    return Reinforce(config.reinforce, choices)
   if config.strategy == 'evolution':
     return Evolution(config.evolution, choices)
   if config.strategy == 'random':

@@ -26,6 +26,7 @@ from mnasnet_jax import errors
 JOBS = {
   'summary': 'mnasnet_jax.models:print_summary_table',
   'search': 'mnasnet_jax.search:run',
+  'oneshot': 'mnasnet_jax.oneshot:run',
   'profile_latency': 'mnasnet_jax.latency.profiler:run',
   'train': 'mnasnet_jax.train:run',
   'eval': 'mnasnet_jax.evaluate:run',

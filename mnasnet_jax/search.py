@@ -373,14 +373,16 @@ class Search:
 
   # --- the loop ---------------------------------------------------------------------------------
 
-  def restore(self):
-    """(state, first step to run): the newest readable checkpoint, or a fresh strategy state.
+  def restore(self, fresh=None):
+    """(state, first step to run): the newest readable checkpoint, or `fresh` (by default a fresh
+    strategy state; the template of what the checkpoints hold).
 
     A checkpoint that cannot be read (random bytes from a failing disk or an interrupted copy) is
     reported in one line and removed, and the one before it is tried: the steps after it sample
     the same children again, which the history already holds, so nothing is trained twice. A
     checkpoint is used only if every process reads it, so all resume from the same one."""
-    fresh = jax.device_get(self.strategy.init(self.search.seed))
+    if fresh is None:
+      fresh = jax.device_get(self.strategy.init(self.search.seed))
     steps = sorted(self.checkpoints.all_steps(), reverse=True)
     for i, step in enumerate(steps):
       try:
@@ -408,6 +410,15 @@ class Search:
       self.checkpoints.delete(step)
     return fresh, 0
 
+  def resume(self):
+    """(strategy state, first controller step): where the workdir stands (the one-shot search
+    trains its supernet's warm-up here first)."""
+    return self.restore()
+
+  def save(self, step: int, state) -> None:
+    """Checkpoints the strategy's state after controller step `step` - 1."""
+    self.checkpoints.save(step, args=ocp.args.StandardSave(state))
+
   def report(self) -> None:
     if not self.is_writer:
       return
@@ -431,7 +442,7 @@ class Search:
     from clu import metric_writers  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
 
     writer = metric_writers.create_default_writer(self.workdir, just_logging=not self.is_writer)
-    state, start = self.restore()
+    state, start = self.resume()
     logging.info(
       'search: %d steps of %d children (%d to go), T = %.3f ms from %s, %d processes',
       self.num_steps,
@@ -455,7 +466,7 @@ class Search:
         state, metrics = self.strategy.tell(state, tokens[told], rewards[told])
         self.best_reward = max(self.best_reward, float(np.max(rewards[told])))
       state = jax.device_get(state)
-      self.checkpoints.save(step + 1, args=ocp.args.StandardSave(state))
+      self.save(step + 1, state)
       scalars = {k: float(v) for k, v in metrics.items()}
       scalars['best_reward'] = self.best_reward
       if np.any(told):
@@ -497,8 +508,9 @@ class Search:
     return state
 
 
-def run(config, workdir: str):
-  """The 'search' job: checks its inputs (see Search), then searches."""
+def run(config, workdir: str, searcher=Search):
+  """The 'search' job (`searcher`: oneshot.OneShotSearch for the 'oneshot' job): checks its inputs
+  (see Search), then searches."""
   if not workdir:
     raise errors.UserError('the search needs --workdir=DIR (history, checkpoints and report)')
   if '://' in workdir:
@@ -508,6 +520,6 @@ def run(config, workdir: str):
       'slice mount the bucket with gcsfuse (or use NFS) at the same path on every host and pass '
       'that path.'
     )
-  search = Search(config, workdir)
+  search = searcher(config, workdir)
   enable_compilation_cache(config.search, workdir)
   return search.run()

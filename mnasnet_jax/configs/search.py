@@ -35,7 +35,7 @@ def search_space_config():
 def controller_config():
   """The search strategy: PPO-trained LSTM controller, or evolution / random (controller.py)."""
   controller = ml_collections.ConfigDict()
-  controller.strategy = 'ppo'  # 'ppo' (the paper's), 'evolution' or 'random'
+  controller.strategy = 'ppo'  # 'ppo' (the paper's), 'reinforce' (TuNAS's), 'evolution', 'random'
   # NASNet's controller: a one-layer LSTM with 100 units, trained with PPO and Adam.
   controller.ppo = ml_collections.ConfigDict()
   controller.ppo.hidden_size = 100
@@ -50,6 +50,11 @@ def controller_config():
   controller.ppo.baseline_decay = 0.9
   controller.ppo.normalize_advantages = False  # divide advantages by the batch's reward std
   controller.ppo.temperature = 1.0
+  # TuNAS's REINFORCE on independent per-decision logits (the one-shot search's default).
+  controller.reinforce = ml_collections.ConfigDict()
+  controller.reinforce.learning_rate = 0.05  # Adam on the logits; chosen, not tuned
+  controller.reinforce.baseline_decay = 0.95
+  controller.reinforce.entropy_weight = 0.0
   # Regularised evolution (Real et al. 2019).
   controller.evolution = ml_collections.ConfigDict()
   controller.evolution.population_size = 64
@@ -140,7 +145,56 @@ def data_and_proxy_config(arg=None):
   return data, proxy
 
 
+def oneshot_config(local: bool):
+  """The search on shared weights (oneshot.py; TuNAS's): a supernet warm-up on uniformly sampled
+  children, then each sampled child trains the supernet as itself and is rewarded by the shared
+  weights' held-out accuracy."""
+  oneshot = ml_collections.ConfigDict()
+  oneshot.warmup_steps = (
+    1500 if local else 50_000
+  )  # uniform children before the first controller step
+  oneshot.train_steps_per_child = 2 if local else 5  # supernet steps each sampled child trains
+  oneshot.eval_batches = 1  # held-out batches per child's reward
+  oneshot.eval_batch_size = 256 if local else 1024
+  oneshot.eval_examples = 2000 if local else 10_000  # the held-out images rewards cycle through
+  oneshot.checkpoint_every_steps = 250 if local else 2000  # during the warm-up
+  return oneshot
+
+
 def get_config(arg=None):
+  """`arg` takes the keys of common.parse_local_arg and `oneshot` (the search on shared weights,
+  oneshot.py) or `oneshot_local` (the same, locally)."""
+  given = common.parse_arg(
+    arg, local=False, resolution=(None, int), oneshot=False, oneshot_local=False
+  )
+  if given.oneshot or given.oneshot_local:
+    local = given.local or given.oneshot_local
+    rest = ','.join(['local'] * local + [f'resolution={given.resolution}'] * bool(given.resolution))
+    config = get_config(rest or None)
+    return oneshot_search(config, local)
+  return multi_trial_config(arg)
+
+
+def oneshot_search(config, local: bool):
+  """The one-shot search's config: the multi-trial one's space, strategy, reward, data and recipe,
+  with its own budget."""
+  config.job = 'oneshot'
+  config.oneshot = oneshot_config(local)
+  config.reward.kind = 'absolute'  # TuNAS's, recommended on shared weights
+  # TuNAS trains the controller once per sampled child, i.e. REINFORCE on small batches.
+  config.controller.strategy = 'reinforce'
+  config.search.num_children = 600 if local else 20_000
+  config.search.children_per_step = 8 if local else 64
+  config.search.report_every_steps = 25
+  config.proxy.ema_decay = 0.0  # the shared weights serve another child every step
+  config.proxy.bn_recalibration_batches = 0  # each reward batch's own statistics (oneshot.py)
+  config.proxy.num_steps = config.oneshot.warmup_steps + (
+    config.search.num_children * config.oneshot.train_steps_per_child
+  )
+  return config
+
+
+def multi_trial_config(arg=None):
   parsed = common.parse_local_arg(arg)
   config = ml_collections.ConfigDict()
   config.job = 'search'

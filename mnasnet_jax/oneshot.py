@@ -1,0 +1,254 @@
+"""The search on shared weights (TuNAS, Bender et al. CVPR 2020): one supernet trained once instead
+of a proxy training per child. `python launch/main.py --config=configs/search.py:oneshot[_local]`.
+
+The supernet (supernet.py) first trains `config.oneshot.warmup_steps` steps on architectures drawn
+uniformly from the space, so that every option's weights are trained before any is judged. Then
+each child the strategy samples (PPO's LSTM, REINFORCE's independent logits, evolution) trains the
+shared weights for `config.oneshot.train_steps_per_child` steps as itself, and its reward is the
+shared weights' top-1 on `config.oneshot.eval_batches` held-out batches (BatchNorm statistics of
+each batch itself: the running ones average over every child trained) with the latency table's
+latency, by reward.py's rewards. After `children_per_step` children the strategy is told their
+rewards, as in the multi-trial search, whose loop, history, TensorBoard scalars, Pareto report and
+`best.md` (whose commands retrain a child standalone from scratch) this search shares
+(search.Search).
+
+Every supernet step runs data-parallel over all devices of all processes, with train.py's step,
+recipe and mesh; every process computes every reward alike (a global batch), and process 0 writes.
+Checkpoints (Orbax) hold the supernet, the strategy and the supernet step, which fixes the data's
+position (the training batches are a function of the step): during the warm-up every
+`checkpoint_every_steps` steps, then after each controller step. A search killed at any moment and
+run again resumes from the last checkpoint, trains the children of the unfinished controller step
+again (so the supernet is what an uninterrupted run has) and takes the rewards already in the
+history for those it recorded.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from mnasnet_jax import errors
+from mnasnet_jax import input_pipeline
+from mnasnet_jax import platform
+from mnasnet_jax import search
+from mnasnet_jax import supernet
+from mnasnet_jax import train
+
+
+def train_step(state, tokens, images, labels, *, net, **kwargs):
+  """train.train_step on the child `tokens` (one row per device, all alike) selects."""
+  return train.train_step(state, images, labels, model=supernet.Child(net, tokens[0]), **kwargs)
+
+
+def reward_step(state, tokens, images, labels, mask, *, net, image_stats):
+  """train.eval_step's sums for the child `tokens` selects, on BN statistics of `images` itself."""
+  child = supernet.Child(net, tokens[0])
+  stats = train.batch_stats_step(
+    (state.params, state.batch_stats),
+    images,
+    model=child.clone(bn_momentum=0.0),
+    image_stats=image_stats,
+  )
+  return train.eval_step(
+    state.replace(batch_stats=stats),
+    images,
+    labels,
+    mask,
+    model=child,
+    use_ema=False,
+    image_stats=image_stats,
+  )
+
+
+class OneShotSearch(search.Search):
+  """search.Search with the children's proxy trainings replaced by one supernet's training."""
+
+  def __init__(self, config, workdir: str):
+    super().__init__(config, workdir)
+    self.oneshot = o = config.oneshot
+    for key in ('train_steps_per_child', 'eval_batches', 'checkpoint_every_steps'):
+      if o[key] < 1:
+        raise errors.UserError(f'config.oneshot.{key} = {o[key]}: expected at least 1')
+    if o.warmup_steps < 0:
+      raise errors.UserError(f'config.oneshot.warmup_steps = {o.warmup_steps}: expected >= 0')
+    if config.proxy.ema_decay:
+      raise errors.UserError(
+        f'config.proxy.ema_decay = {config.proxy.ema_decay}: the one-shot search keeps no '
+        'moving average (the shared weights serve another child every step); expected 0'
+      )
+    if self.process_count > 1:  # one data-parallel training: each process reads its own part
+      self.data = input_pipeline.create_proxy_data(
+        config.data, self.process_index, self.process_count
+      )
+    self.mesh = platform.data_mesh(jax.devices())
+    proxy = config.proxy
+    self.local_batch = train.check_batch(proxy.batch_size, self.mesh, self.process_count)
+    eval_batch = train.eval_batch_part(o.eval_batch_size, self.mesh, self.process_count)
+    steps_per_epoch = self.data.num_train / self.process_count / self.local_batch
+    self.total_steps = o.warmup_steps + self.search.num_children * o.train_steps_per_child
+    self.net = supernet.create(proxy, self.space, self.data.num_classes)
+    tx, schedule = train.create_optimizer(proxy, steps_per_epoch)
+    image_stats = (self.data.mean, self.data.std)
+    self.train_fn = train.data_parallel(
+      functools.partial(
+        train_step, net=self.net, tx=tx, schedule=schedule, config=proxy, image_stats=image_stats
+      ),
+      self.mesh,
+      3,
+      donate_state=True,
+    )
+    self.reward_fn = train.data_parallel(
+      functools.partial(reward_step, net=self.net, image_stats=image_stats), self.mesh, 4
+    )
+    self.make_state = functools.partial(
+      train.create_state,
+      supernet.Child(self.net, jnp.zeros(len(self.space.choices), jnp.int32)),
+      tx,
+      self.data.image_size,
+      False,
+      self.search.train_seed,
+      self.mesh,
+    )
+    # The held-out batches the rewards are measured on; child `trial` takes the next
+    # `eval_batches` of them, cycling.
+    self.held_out = list(self.data.eval_batches(eval_batch, o.eval_examples))
+    self.state = None
+    self.supernet_step = 0
+    self.batches = None
+
+  # --- the supernet ---------------------------------------------------------------------------
+
+  def device_tokens(self, tokens) -> np.ndarray:
+    """One child's tokens as this process's rows of the [devices, P] array the steps take."""
+    return np.tile(np.asarray(tokens, np.int32), (self.mesh.local_mesh.size, 1))
+
+  def train_on(self, tokens, steps: int) -> float:
+    """`steps` supernet steps as the child `tokens`; returns the last step's loss."""
+    rows = self.device_tokens(tokens)
+    for _ in range(steps):
+      images, labels = next(self.batches)
+      self.state, metrics = self.train_fn(
+        self.state, *train.shard_batch(self.mesh, rows, images, labels)
+      )
+      self.supernet_step += 1
+    loss = float(metrics['loss'])
+    if not np.isfinite(loss):
+      raise train.TrainingDiverged(
+        f'supernet training loss became {loss} at step {self.supernet_step}'
+      )
+    return loss
+
+  def shared_accuracy(self, trial: int, tokens) -> float:
+    """Top-1 of the shared weights as child `tokens` on its held-out batches."""
+    rows = self.device_tokens(tokens)
+    totals = None
+    for j in range(self.oneshot.eval_batches):
+      batch = self.held_out[(trial * self.oneshot.eval_batches + j) % len(self.held_out)]
+      sums = self.reward_fn(self.state, *train.shard_batch(self.mesh, rows, *batch))
+      totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    totals = jax.device_get(totals)
+    return float(totals['top1']) / max(float(totals['count']), 1.0)
+
+  def uniform_tokens(self, step: int) -> np.ndarray:
+    """The warm-up's child of supernet step `step`: uniform, a function of (seed, step) alone."""
+    rng = np.random.default_rng((self.search.seed, step))
+    return np.array([rng.integers(n) for n in self.space.choices], np.int32)
+
+  # --- checkpoints ----------------------------------------------------------------------------
+
+  def checkpoint(self, controller_state, controller_step: int) -> None:
+    """Saves supernet, strategy and position under the supernet step."""
+    item = {
+      'controller': jax.device_get(controller_state),
+      'controller_step': np.int32(controller_step),
+      'supernet_step': np.int32(self.supernet_step),
+      'supernet': self.state,
+    }
+    self.checkpoints.save(self.supernet_step, args=ocp.args.StandardSave(item))
+
+  def save(self, step: int, state) -> None:
+    self.checkpoint(state, step)
+
+  def resume(self):
+    """Restores the newest checkpoint (or starts afresh), finishes the warm-up, and returns the
+    strategy's state and the controller step to run."""
+    started = time.perf_counter()
+    self.state = self.make_state()
+    fresh = {
+      'controller': jax.device_get(self.strategy.init(self.search.seed)),
+      'controller_step': np.int32(0),
+      'supernet_step': np.int32(0),
+      'supernet': self.state,
+    }
+    restored, _ = self.restore(fresh)
+    self.state = train.replicate(restored['supernet'], self.mesh)
+    self.supernet_step = int(restored['supernet_step'])
+    controller_step = int(restored['controller_step'])
+    self.batches = self.data.train_batches(
+      self.local_batch, self.search.train_seed, start_step=self.supernet_step
+    )
+    logging.info(
+      'supernet at step %d of %d (%d warm-up), controller step %d; %.1f s to set up',
+      self.supernet_step,
+      self.total_steps,
+      self.oneshot.warmup_steps,
+      controller_step,
+      time.perf_counter() - started,
+    )
+    began = time.perf_counter()
+    while self.supernet_step < self.oneshot.warmup_steps:
+      loss = self.train_on(self.uniform_tokens(self.supernet_step), 1)
+      if self.supernet_step % self.oneshot.checkpoint_every_steps == 0 or (
+        self.supernet_step == self.oneshot.warmup_steps
+      ):
+        self.checkpoint(restored['controller'], 0)
+        logging.info(
+          'warm-up step %d/%d: loss %.4f, %.2f s a step',
+          self.supernet_step,
+          self.oneshot.warmup_steps,
+          loss,
+          (time.perf_counter() - began) / self.supernet_step,
+        )
+    return restored['controller'], controller_step
+
+  # --- one controller step ----------------------------------------------------------------------
+
+  def evaluate_step(self, step: int, tokens: np.ndarray) -> np.ndarray:
+    """Each child trains the supernet as itself, then is rewarded on held-out batches; children the
+    history holds are trained again (the supernet after a resume is an uninterrupted run's) but
+    not measured again."""
+    first = step * self.search.children_per_step
+    children = [self.describe(first + c, step, t) for c, t in enumerate(tokens)]
+    known, rewards = self.recorded(step, children)
+    for c, child in enumerate(children):
+      start = time.perf_counter()
+      self.train_on(child['tokens'], self.oneshot.train_steps_per_child)
+      if known[c]:
+        continue
+      trained = time.perf_counter()
+      accuracy = search._float32(self.shared_accuracy(child['trial'], child['tokens']))  # pylint: disable=protected-access
+      outcome = {
+        'status': 'ok',
+        'reason': None,
+        'accuracy': accuracy,
+        'compile_seconds': None,
+        'train_seconds': trained - start,
+        'eval_seconds': time.perf_counter() - start,
+        'supernet_step': self.supernet_step,
+      }
+      record = self.finish(child, outcome, self.process_index)
+      self.log_child(record)
+      self.history.append(record)
+      rewards[c] = record['reward']
+    return rewards
+
+
+def run(config, workdir: str):
+  """The 'oneshot' job: search.run's checks, then the search on shared weights."""
+  return search.run(config, workdir, OneShotSearch)

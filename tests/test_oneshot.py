@@ -1,0 +1,115 @@
+"""The search on shared weights, in process, on 8 devices (conftest.py): the tiny space of
+test_search.py, synthetic 16 px data, a few supernet steps per child."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+import test_search
+
+from mnasnet_jax import controller
+from mnasnet_jax import errors
+from mnasnet_jax import history
+from mnasnet_jax import oneshot
+from mnasnet_jax.configs import search as search_config
+
+
+def tiny_oneshot(table_path, strategy='reinforce', num_children=6):
+  config = test_search.tiny_config(table_path, num_children=num_children, children_per_step=2)
+  shipped = search_config.get_config('oneshot_local')
+  config.job = shipped.job
+  config.oneshot = shipped.oneshot
+  config.oneshot.update(warmup_steps=3, train_steps_per_child=1, checkpoint_every_steps=2)
+  config.oneshot.update(eval_batch_size=16, eval_examples=32)
+  config.reward = shipped.reward
+  config.reward.target_ms = 0.5
+  config.controller.strategy = strategy
+  config.proxy.batch_size = 16  # 2 images on each of the 8 devices
+  return config
+
+
+@pytest.fixture(scope='module')
+def table(tmp_path_factory):
+  return test_search.tiny_table(str(tmp_path_factory.mktemp('table') / 'tiny.json'))
+
+
+def _records(workdir):
+  return history.read(os.path.join(workdir, 'history.jsonl'))
+
+
+def test_shipped_configs():
+  for arg, local in (('oneshot', False), ('oneshot_local', True), ('oneshot,local', True)):
+    config = search_config.get_config(arg)
+    assert config.job == 'oneshot' and config.reward.kind == 'absolute'
+    assert config.controller.strategy == 'reinforce'
+    assert (config.data.dataset == 'fashion_mnist') == local
+    assert config.search.train_config == 'configs/train.py' + (':local' if local else '')
+    assert config.proxy.num_steps == (
+      config.oneshot.warmup_steps
+      + config.search.num_children * config.oneshot.train_steps_per_child
+    )
+  with pytest.raises(errors.UserError, match='oneshot_local'):
+    search_config.get_config('bogus')
+
+
+def test_reinforce_learns_the_best_token():
+  """On a reward that counts token 1s, REINFORCE's logits move every position towards 1."""
+  config = search_config.get_config('oneshot_local').controller
+  strategy = controller.create(config, (2, 3, 2))
+  state = strategy.init(0)
+  for _ in range(60):
+    tokens, state = strategy.ask(state, 16)
+    state, metrics = strategy.tell(state, tokens, (tokens == 1).sum(1).astype(np.float32))
+  tokens, _ = strategy.ask(state, 200)
+  assert (tokens == 1).mean() > 0.8, tokens.mean(0)
+  assert np.isfinite(metrics['entropy'])
+
+
+@pytest.mark.parametrize('strategy', ['reinforce', 'ppo', 'evolution'])
+def test_search_writes_history_and_report(tmp_path, table, strategy):
+  config = tiny_oneshot(table, strategy)
+  workdir = str(tmp_path / 'oneshot')
+  oneshot.run(config, workdir)
+  records = _records(workdir)
+  assert [r['trial'] for r in records] == list(range(6))
+  assert [r['step'] for r in records] == [0, 0, 1, 1, 2, 2]
+  for r in records:
+    assert r['status'] == 'ok' and 0 <= r['accuracy'] <= 1 and np.isfinite(r['reward'])
+    # warm-up, then one supernet step per child
+    assert r['supernet_step'] == 3 + r['trial'] + 1
+  best = open(os.path.join(workdir, 'best.md')).read()
+  assert 'configs/train.py:local --config.arch=' in best
+  assert json.load(open(os.path.join(workdir, 'pareto.json')))
+
+
+def test_resume_after_a_kill_is_an_uninterrupted_run(tmp_path, table, monkeypatch):
+  """A run stopped inside a controller step (after one child is recorded) and started again ends
+  with the history and supernet of a run never stopped."""
+  config = tiny_oneshot(table, num_children=4)
+  whole = oneshot.OneShotSearch(config, str(tmp_path / 'whole'))
+  whole.run()
+
+  workdir = str(tmp_path / 'killed')
+  original = oneshot.OneShotSearch.shared_accuracy
+  calls = []
+
+  def dies_at_the_fourth(self, trial, tokens):
+    calls.append(trial)
+    if len(calls) == 4:
+      raise KeyboardInterrupt('kill')
+    return original(self, trial, tokens)
+
+  monkeypatch.setattr(oneshot.OneShotSearch, 'shared_accuracy', dies_at_the_fourth)
+  with pytest.raises(KeyboardInterrupt):
+    oneshot.OneShotSearch(config, workdir).run()
+  assert len(_records(workdir)) == 3  # trial 2 of step 1 recorded, trial 3 not
+  monkeypatch.setattr(oneshot.OneShotSearch, 'shared_accuracy', original)
+  resumed = oneshot.OneShotSearch(config, workdir)
+  resumed.run()
+  assert resumed.supernet_step == whole.supernet_step == 3 + 4
+  strip = lambda rs: [{k: r[k] for k in ('trial', 'tokens', 'accuracy', 'reward')} for r in rs]
+  assert strip(_records(workdir)) == strip(_records(str(tmp_path / 'whole')))
+  for a, b in zip(jax.tree.leaves(resumed.state.params), jax.tree.leaves(whole.state.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

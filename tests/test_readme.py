@@ -29,6 +29,16 @@ SMALL = {
     '--config.proxy.eval_examples=100',
     '--config.proxy.bn_recalibration_batches=1',
   ],
+  # One searched block (the supernet of the whole space compiles for minutes here).
+  'configs/search.py:oneshot_local': [
+    '--config.search_space.searched_blocks=(0,)',
+    '--config.oneshot.warmup_steps=2',
+    '--config.oneshot.train_steps_per_child=1',
+    '--config.oneshot.eval_batch_size=64',
+    '--config.oneshot.eval_examples=64',
+    '--config.search.num_children=2',
+    '--config.search.children_per_step=2',
+  ],
   'configs/train.py:local': [
     '--config.num_steps=2',
     '--config.eval_every_steps=2',
@@ -59,7 +69,20 @@ SMALL = {
     '--infer_runs=1',
     '--depthwise=auto',
   ],
-  'benchmarks/controller.py': ['--samples=64', '--seeds=1'],
+  'benchmarks/controller.py': [
+    '--samples=64',
+    '--seeds=1',
+    '--batches=4',
+    '--surrogates=neighbours',
+    '--uniform_draws=100000',
+  ],
+  # One architecture, two steps of proxy and of full training.
+  'benchmarks/proxy_ranking.py': [
+    '--archs=1',
+    '--full_steps=2',
+    '--config.proxy.num_steps=2',
+    '--config.proxy.eval_examples=100',
+  ],
   'benchmarks/memory.py': [
     '--archs=mobilenet_v2',
     '--hosts=8',

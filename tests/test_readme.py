@@ -45,6 +45,16 @@ SMALL = {
     '--config.eval_examples=100',
     '--config.checkpoint_every_steps=2',
   ],
+  # Two steps at 64 px, 20 canvases evaluated, the TFLite detector timed twice.
+  'configs/detection.py:local': [
+    '--config.resolution=64',
+    '--config.num_steps=2',
+    '--config.data.num_eval=20',
+    '--config.eval_batch_size=8',
+    '--config.picture_images=2',
+    '--config.latency.instances=1',
+    '--config.latency.repeats=2',
+  ],
   'configs/export.py:local': [],
   'configs/export.py': [],
   'configs/eval.py:local': ['--config.eval_examples=100'],
@@ -69,7 +79,20 @@ SMALL = {
     '--infer_runs=1',
     '--depthwise=auto',
   ],
-  'benchmarks/controller.py': ['--samples=64', '--seeds=1'],
+  'benchmarks/controller.py': [
+    '--samples=64',
+    '--seeds=1',
+    '--batches=4',
+    '--surrogates=neighbours',
+    '--uniform_draws=100000',
+  ],
+  # One architecture, two steps of proxy and of full training.
+  'benchmarks/proxy_ranking.py': [
+    '--archs=1',
+    '--full_steps=2',
+    '--config.proxy.num_steps=2',
+    '--config.proxy.eval_examples=100',
+  ],
   'benchmarks/memory.py': [
     '--archs=mobilenet_v2',
     '--hosts=8',

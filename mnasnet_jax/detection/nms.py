@@ -5,28 +5,34 @@ suppresses, 100 a class, 100 an image)."""
 
 from __future__ import annotations
 
+import heapq
+
 import numpy as np
 
 
-def iou_one(box, boxes):
-  """IoU of one box [4] with boxes [K, 4] (0 where the union is empty)."""
-  top_left = np.maximum(box[:2], boxes[:, :2])
-  bottom_right = np.minimum(box[2:], boxes[:, 2:])
-  inter = np.prod(np.clip(bottom_right - top_left, 0, None), axis=1)
-  size = lambda b: np.clip(b[..., 2] - b[..., 0], 0, None) * np.clip(b[..., 3] - b[..., 1], 0, None)
-  union = size(box) + size(boxes) - inter
-  return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
-
-
-def non_max_suppression(boxes, scores, iou_threshold: float, max_output: int) -> np.ndarray:
+def non_max_suppression(
+  boxes, scores, iou_threshold: float, max_output: int, floor: float = -np.inf
+) -> np.ndarray:
   """Indices of the kept boxes, best first: greedily the best remaining box, whose overlaps above
-  `iou_threshold` are dropped."""
+  `iou_threshold` are dropped; it stops at `max_output` kept or at a score below `floor`."""
   order = np.argsort(-scores, kind='stable')
+  y0, x0, y1, x1 = (np.ascontiguousarray(boxes[order, i]) for i in range(4))
+  area = np.maximum(y1 - y0, 0) * np.maximum(x1 - x0, 0)
+  alive = np.ones(len(order), bool)
   keep = []
-  while order.size and len(keep) < max_output:
-    best, order = order[0], order[1:]
-    keep.append(best)
-    order = order[iou_one(boxes[best], boxes[order]) <= iou_threshold]
+  for i in range(len(order)):
+    if len(keep) == max_output or scores[order[i]] < floor:
+      break
+    if not alive[i]:
+      continue
+    keep.append(order[i])
+    rest = slice(i + 1, None)
+    ih = np.maximum(np.minimum(y1[i], y1[rest]) - np.maximum(y0[i], y0[rest]), 0)
+    iw = np.maximum(np.minimum(x1[i], x1[rest]) - np.maximum(x0[i], x0[rest]), 0)
+    inter = ih * iw
+    union = area[i] + area[rest] - inter
+    overlap = np.where(union > 0, inter / np.where(union > 0, union, 1), 0)
+    alive[rest] &= overlap <= iou_threshold
   return np.asarray(keep, np.int64)
 
 
@@ -40,16 +46,25 @@ def detect(
 ) -> dict:
   """One image's detections from its decoded boxes [N, 4] (clipped to the image here) and class
   scores [N, C] (sigmoids, background dropped): {'boxes' [K, 4], 'scores' [K], 'classes' [K]
-  (1..C)}, best first."""
+  (1..C)}, best first. A class's suppression stops below the `max_total`-th best score kept so
+  far: nothing under it can be among the image's best."""
   boxes = np.clip(np.asarray(boxes, np.float32), 0.0, 1.0)
   scores = np.asarray(scores, np.float32)
-  found = []
+  found, best = [], []  # best: a min-heap of the max_total highest scores kept
   for c in range(scores.shape[1]):
     candidates = np.flatnonzero(scores[:, c] > score_threshold)
+    floor = best[0] if len(best) == max_total else -np.inf
     kept = candidates[
-      non_max_suppression(boxes[candidates], scores[candidates, c], iou_threshold, max_per_class)
+      non_max_suppression(
+        boxes[candidates], scores[candidates, c], iou_threshold, max_per_class, floor
+      )
     ]
-    found.extend((scores[i, c], i, c + 1) for i in kept)
+    for i in kept:
+      found.append((scores[i, c], i, c + 1))
+      if len(best) < max_total:
+        heapq.heappush(best, scores[i, c])
+      else:
+        heapq.heappushpop(best, scores[i, c])
   found.sort(key=lambda f: -f[0])
   found = found[:max_total]
   return {

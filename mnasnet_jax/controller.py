@@ -171,7 +171,7 @@ def _ppo_loss(params, tokens, old_log_probs, advantages, weights, choices, confi
   ratio = jnp.exp(log_probs - old_log_probs)
   clipped = jnp.clip(ratio, 1.0 - config.clip_epsilon, 1.0 + config.clip_epsilon)
   surrogate = jnp.minimum(ratio * advantages, clipped * advantages)
-  mean = lambda x: jnp.sum(weights * x) / jnp.sum(weights)
+  mean = lambda x: jnp.sum(weights * x) / jnp.maximum(jnp.sum(weights), 1.0)
   loss = -mean(surrogate) - config.entropy_weight * mean(entropies)
   return loss, {
     'approx_kl': mean(old_log_probs - log_probs),
@@ -219,7 +219,13 @@ class PPO:
     old_log_probs, entropies = log_prob(state['params'], tokens, self.choices, config.temperature)
     # The first batch starts the moving average at its own mean.
     baseline = jnp.where(state['step'] == 0, jnp.mean(rewards), state['baseline'])
-    advantages = rewards - baseline
+    if config.top_fraction < 1.0:
+      # Risk-seeking policy gradient (Petersen et al. 2021): a search keeps its best children, not
+      # its mean one, so learn from the batch's top fraction alone, above its lower edge.
+      edge = jnp.quantile(rewards, 1.0 - config.top_fraction)
+      advantages, learn = rewards - edge, (rewards >= edge).astype(jnp.float32)
+    else:
+      advantages, learn = rewards - baseline, jnp.ones_like(rewards)
     if config.normalize_advantages:  # unit scale, so steps do not shrink as rewards converge
       advantages = advantages / (jnp.std(rewards) + 1e-8)
     size = min(config.minibatch_size, num)
@@ -231,6 +237,7 @@ class PPO:
         [jax.random.permutation(epoch_key, num), jnp.zeros((count * size - num,), jnp.int32)]
       ).reshape(count, size)
       weights = (jnp.arange(count * size) < num).astype(jnp.float32).reshape(count, size)
+      weights = weights * learn[order]
 
       def minibatch(carry, batch):
         params, opt_state = carry

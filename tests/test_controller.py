@@ -91,6 +91,22 @@ def test_ppo_learns_a_separable_problem(ppo):
   assert metrics['entropy'] < 0.5 * sum(np.log(CHOICES))
 
 
+def test_ppo_top_fraction_learns_from_the_best_children_alone():
+  # Top quarter of 8: the 2 above the 0.75 quantile, which lies between the 6th and 7th rewards.
+  # Rewards that differ only below the 6th give the same update; moving the top one changes it.
+  strategy = make('ppo', ppo={'top_fraction': 0.25})
+  state = strategy.init(0)
+  tokens, state = strategy.ask(state, BATCH)
+  rewards = np.linspace(0.1, 0.8, BATCH)
+  changed = rewards.copy()
+  changed[:5] = [0.3, 0.0, 0.2, 0.05, 0.15]
+  after = [strategy.tell(state, tokens, r)[0]['params'] for r in (rewards, changed)]
+  jax.tree.map(np.testing.assert_array_equal, *after)
+  rewards[-1] = 2.0
+  moved = strategy.tell(state, tokens, rewards)[0]['params']
+  assert not np.allclose(moved['heads']['bias'], after[0]['heads']['bias'])
+
+
 def test_evolution_fills_then_mutates_the_tournament_winner_then_ages(evolution):
   size = BATCH
   state = evolution.init(0)

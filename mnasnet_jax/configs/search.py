@@ -49,6 +49,8 @@ def controller_config():
   controller.ppo.entropy_weight = 1e-4
   controller.ppo.baseline_decay = 0.9
   controller.ppo.normalize_advantages = False  # divide advantages by the batch's reward std
+  # < 1: learn from that top fraction of each batch alone (risk-seeking policy gradient).
+  controller.ppo.top_fraction = 1.0
   controller.ppo.temperature = 1.0
   # TuNAS's REINFORCE on independent per-decision logits (the one-shot search's default).
   controller.reinforce = ml_collections.ConfigDict()
@@ -181,7 +183,7 @@ def oneshot_search(config, local: bool):
   config.job = 'oneshot'
   config.oneshot = oneshot_config(local)
   config.reward.kind = 'absolute'  # TuNAS's, recommended on shared weights
-  # TuNAS trains the controller once per sampled child, i.e. REINFORCE on small batches.
+  # TuNAS's controller: independent logits, REINFORCE, updated every `children_per_step` children.
   config.controller.strategy = 'reinforce'
   config.search.num_children = 600 if local else 20_000
   config.search.children_per_step = 8 if local else 64

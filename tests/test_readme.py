@@ -79,7 +79,20 @@ SMALL = {
     '--infer_runs=1',
     '--depthwise=auto',
   ],
-  'benchmarks/controller.py': ['--samples=64', '--seeds=1'],
+  'benchmarks/controller.py': [
+    '--samples=64',
+    '--seeds=1',
+    '--batches=4',
+    '--surrogates=neighbours',
+    '--uniform_draws=100000',
+  ],
+  # One architecture, two steps of proxy and of full training.
+  'benchmarks/proxy_ranking.py': [
+    '--archs=1',
+    '--full_steps=2',
+    '--config.proxy.num_steps=2',
+    '--config.proxy.eval_examples=100',
+  ],
   'benchmarks/memory.py': [
     '--archs=mobilenet_v2',
     '--hosts=8',

@@ -1,8 +1,15 @@
-"""Search-quality reporting: the mean reward per controller step in best.md."""
+"""Search-quality reporting: the mean reward per controller step in best.md, and the proxy-ranking
+benchmark's statistics and choice of architectures."""
+
+import importlib.util
+import os
 
 import numpy as np
 
 from mnasnet_jax import pareto
+from mnasnet_jax import search
+from mnasnet_jax import search_space
+from mnasnet_jax.configs import search as search_config
 
 
 def _record(trial, step, reward, status='ok'):
@@ -42,3 +49,32 @@ def test_mean_reward_per_step_in_best_md(tmp_path):
     'Mean reward per controller step: 0.3000, 0.3000, 0.9000 (first 1 steps 0.3000, last 2 0.6000).'
     in path.read_text()
   )
+
+
+def _benchmark(name):
+  """A benchmarks/ script as a module (its absl flags are defined, not parsed)."""
+  path = os.path.join(os.path.dirname(__file__), '..', 'benchmarks', f'{name}.py')
+  spec = importlib.util.spec_from_file_location(f'benchmark_{name}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_proxy_ranking_statistics_and_spread():
+  ranking = _benchmark('proxy_ranking')
+  # By hand: one discordant pair of six, Kendall 4/6; rank differences 0, 1, 1, 0, Spearman 1 - 12/60.
+  got = ranking.rank_agreement([1, 2, 3, 4], [10, 30, 20, 40])
+  np.testing.assert_allclose([got['kendall_tau'], got['spearman']], [4 / 6, 0.8])
+  assert ranking.rank_agreement([1, 2, 3], [3, 2, 1])['kendall_tau'] == -1.0
+  config = search_config.get_config('local')
+  space = search_space.SearchSpace(config.search_space)
+  table = search.load_table(config.latency.table)
+  tokens, latency = ranking.spread_in_latency(space, table, 12, seed=0, pool=2000)
+  assert tokens.shape == (12, len(space.choices)) and len({tuple(t) for t in tokens}) == 12
+  np.testing.assert_allclose(latency, table.predict_tokens(space, tokens))
+  assert np.all(np.diff(latency) > 0)
+  # Evenly spaced quantiles of the pool: the picks span most of its range.
+  pool = table.predict_tokens(
+    space, np.random.default_rng(0).integers(0, space.choices, (2000, len(space.choices)))
+  )
+  assert latency[0] < np.quantile(pool, 0.1) and latency[-1] > np.quantile(pool, 0.9)

@@ -1,0 +1,239 @@
+"""Does the local proxy rank children as full training does? Kendall tau and Spearman on real runs.
+
+    python benchmarks/proxy_ranking.py --workdir=/tmp/proxy_ranking [--archs=12]
+        [--variants=local,steps300] [--phases=proxy,full] [--config.proxy.X=Y]
+
+A search is only as good as the agreement between a child's proxy accuracy (what the controller
+is told) and the accuracy it reaches when trained in full (what the user gets). This measures it on
+the local task: `--archs` architectures of configs/search.py:local's space, spread in latency (the
+table's latencies of uniform samples, taken at evenly spaced quantiles), each
+
+- scored by the local proxy (`train.proxy_train` with the search config's proxy section, on the
+  search split: the proxy-training part, evaluated on the held-out part), once per proxy variant;
+- trained with configs/train.py:local (`train.train_and_evaluate`: all of Fashion-MNIST train,
+  evaluated on its 10,000 test images), in WORKDIR/full/N, so an interrupted training resumes from
+  its checkpoint.
+
+Every result is appended to WORKDIR/results.jsonl the moment it exists, and a rerun skips what is
+there, so the measurement resumes where it stopped (runs with another --archs or --arch_seed need
+another workdir). Whatever is complete is summarised at the end of every run: for each proxy
+variant, Kendall tau and Spearman between proxy and full accuracy and between proxy and full
+reward (both rewards with the table's latency and the search's T), over the architectures that have
+both; then what the full measurement costs here and on ImageNet. The last line printed is one
+JSON object.
+
+The variants (VARIANTS, overrides of the proxy section) are the changes to measure within the local
+search's time budget: proxy steps, learning rate, BN re-estimation, held-out images scored.
+"""
+
+import json
+import os
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+import numpy as np
+import scipy.stats
+
+from mnasnet_jax import input_pipeline
+from mnasnet_jax import models
+from mnasnet_jax import reward
+from mnasnet_jax import search as search_lib
+from mnasnet_jax import search_space
+from mnasnet_jax import train
+from mnasnet_jax.configs import search as search_configs
+from mnasnet_jax.configs import train as train_configs
+
+_CONFIG = config_flags.DEFINE_config_file(
+  'config',
+  os.path.join(os.path.dirname(__file__), '..', 'configs', 'search.py') + ':local',
+  'The search config whose space, latency table, reward and proxy are measured.',
+)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Where results.jsonl and the full trainings go.')
+_ARCHS = flags.DEFINE_integer('archs', 12, 'Architectures measured, spread in latency.')
+_ARCH_SEED = flags.DEFINE_integer('arch_seed', 0, 'Seed of the uniform samples they come from.')
+_VARIANTS = flags.DEFINE_list('variants', ['local'], 'Proxy variants to score (VARIANTS).')
+_PHASES = flags.DEFINE_list('phases', ['proxy', 'full'], 'proxy, full or both, in that order.')
+_FULL_STEPS = flags.DEFINE_integer(
+  'full_steps', 0, "Steps of each full training; 0: configs/train.py:local's own (10 epochs)."
+)
+
+# Overrides of config.proxy; 'local' is the search's proxy as configured.
+VARIANTS = {
+  'local': {},
+  'steps300': {'num_steps': 300},
+  'lr0.032': {'base_learning_rate': 0.032},
+  'no_bn_reestimation': {'bn_recalibration_batches': 0},
+  'eval10000': {'eval_examples': 10_000},
+}
+# The paper's search: about 8,000 children of 5 ImageNet epochs in 4.5 days on 64 TPUv2 (paper,
+# section 5), which prices an ImageNet epoch in TPUv2-hours.
+PAPER_CHILDREN, PAPER_EPOCHS, PAPER_DEVICE_HOURS = 8000, 5.0, 4.5 * 24 * 64
+
+
+def spread_in_latency(space, table, count: int, seed: int, pool: int = 20_000):
+  """Token rows of `count` distinct architectures whose latencies sit at evenly spaced quantiles
+  of `pool` uniform samples (the latency range a search meets, not its extremes)."""
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, space.choices, (pool, len(space.choices)))
+  latency = table.predict_tokens(space, tokens)
+  order = np.argsort(latency, kind='stable')
+  picks = order[((np.arange(count) + 0.5) / count * pool).astype(int)]
+  return tokens[picks], latency[picks]
+
+
+def rank_agreement(x, y) -> dict:
+  """Kendall tau (b) and Spearman rho of two paired samples."""
+  return {
+    'kendall_tau': float(scipy.stats.kendalltau(x, y).statistic),
+    'spearman': float(scipy.stats.spearmanr(x, y).statistic),
+    'n': len(x),
+  }
+
+
+def read_results(path: str) -> list[dict]:
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def summarise(results: list[dict], target_ms: float, reward_config) -> dict:
+  full = {r['index']: r for r in results if r['phase'] == 'full'}
+  out = {}
+  for name in sorted({r['variant'] for r in results if r['phase'] == 'proxy'}):
+    proxy = {r['index']: r for r in results if r['phase'] == 'proxy' and r['variant'] == name}
+    both = sorted(set(proxy) & set(full))
+    entry = {
+      'proxies': len(proxy),
+      'proxy_seconds_each': float(np.mean([r['seconds'] for r in proxy.values()])),
+    }
+    if len(both) >= 3:
+      latency = np.array([full[i]['latency_ms'] for i in both])
+      acc_proxy = np.array([proxy[i]['accuracy'] for i in both])
+      acc_full = np.array([full[i]['accuracy'] for i in both])
+      rewards = [
+        np.asarray(reward.compute(reward_config, a, latency, target_ms), np.float64)
+        for a in (acc_proxy, acc_full)
+      ]
+      entry['accuracy'] = rank_agreement(acc_proxy, acc_full)
+      entry['reward'] = rank_agreement(*rewards)
+    out[name] = entry
+  return out
+
+
+def main(argv):
+  del argv
+  if not _WORKDIR.value:
+    raise app.UsageError('--workdir is required')
+  config = _CONFIG.value
+  unknown = [v for v in _VARIANTS.value if v not in VARIANTS]
+  if unknown:
+    raise app.UsageError(f'unknown variants {unknown}: expected some of {sorted(VARIANTS)}')
+  os.makedirs(_WORKDIR.value, exist_ok=True)
+  path = os.path.join(_WORKDIR.value, 'results.jsonl')
+  space = search_space.SearchSpace(config.search_space)
+  table = search_lib.load_table(config.latency.table)
+  target_ms = search_lib.target_latency(config.reward, table)
+  tokens, latencies = spread_in_latency(space, table, _ARCHS.value, _ARCH_SEED.value)
+  archs = [space.decode(t) for t in tokens]
+  done = {(r['phase'], r['variant'], r['index']) for r in read_results(path)}
+
+  def record(entry):
+    with open(path, 'a') as f:
+      f.write(json.dumps(entry) + '\n')
+    logging.info('%s', entry)
+
+  def base(index):
+    return {'index': index, 'blocks': archs[index], 'latency_ms': float(latencies[index])}
+
+  if 'proxy' in _PHASES.value:
+    data = input_pipeline.create_proxy_data(config.data)
+    for name in _VARIANTS.value:
+      proxy = config.proxy.copy_and_resolve_references()
+      proxy.update(VARIANTS[name])
+      for i, blocks in enumerate(archs):
+        if ('proxy', name, i) in done:
+          continue
+        started = time.time()
+        arch = models.Architecture(tuple(blocks), stem_filters=space.stem_filters)
+        result = train.proxy_train(proxy, arch, data, seed=i)
+        record(
+          dict(
+            base(i),
+            phase='proxy',
+            variant=name,
+            accuracy=float(result['accuracy']),
+            seconds=time.time() - started,
+            compile_seconds=float(result['compile_seconds']),
+          )
+        )
+  if 'full' in _PHASES.value:
+    for i, blocks in enumerate(archs):
+      if ('full', 'train_local', i) in done:
+        continue
+      train_config = train_configs.get_config('local')
+      train_config.arch = ','.join(blocks)
+      if _FULL_STEPS.value:
+        train_config.num_steps = _FULL_STEPS.value
+      started = time.time()
+      result = train.train_and_evaluate(train_config, os.path.join(_WORKDIR.value, 'full', str(i)))
+      record(
+        dict(
+          base(i),
+          phase='full',
+          variant='train_local',
+          accuracy=float(result['accuracy']),
+          seconds=time.time() - started,
+        )
+      )
+
+  results = read_results(path)
+  summary = summarise(results, target_ms, config.reward)
+  full = [r for r in results if r['phase'] == 'full']
+  for name, entry in summary.items():
+    figures = ''.join(
+      f'; {what}: Kendall tau {entry[what]["kendall_tau"]:.3f}, Spearman '
+      f'{entry[what]["spearman"]:.3f} (n={entry[what]["n"]})'
+      for what in ('accuracy', 'reward')
+      if what in entry
+    )
+    print(
+      f'proxy {name}: {entry["proxies"]} scored, {entry["proxy_seconds_each"]:.0f} s each{figures}'
+    )
+  full_seconds = float(np.mean([r['seconds'] for r in full])) if full else None
+  print(
+    f'{len(full)} of {_ARCHS.value} trained in full'
+    + (f', {full_seconds:.0f} s each (on this machine, as loaded as it was)' if full else '')
+  )
+  # The same measurement on ImageNet: each architecture's 5-epoch proxy plus its full training.
+  proxy_epochs = search_configs.get_config().proxy.num_epochs
+  full_epochs = train_configs.get_config().num_epochs
+  epochs = _ARCHS.value * (proxy_epochs + full_epochs)
+  device_hours = epochs * PAPER_DEVICE_HOURS / (PAPER_CHILDREN * PAPER_EPOCHS)
+  print(
+    f'on ImageNet: {_ARCHS.value} x ({proxy_epochs:g} + {full_epochs:g}) = '
+    f"{epochs:g} ImageNet epochs, about {device_hours:,.0f} TPUv2-device-hours at the paper's "
+    'search rate'
+  )
+  print(
+    json.dumps(
+      {
+        'archs': _ARCHS.value,
+        'target_ms': target_ms,
+        'variants': summary,
+        'full_trained': len(full),
+        'full_seconds_each': full_seconds,
+        'imagenet_epochs': epochs,
+        'imagenet_tpuv2_device_hours': device_hours,
+        'devices': str(jax.devices()[0]),
+      }
+    )
+  )
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -144,12 +144,14 @@ class OneShotSearch(search.Search):
       )
     return loss
 
-  def shared_accuracy(self, trial: int, tokens) -> float:
-    """Top-1 of the shared weights as child `tokens` on its held-out batches."""
+  def shared_accuracy(self, trial: int, tokens, num_batches: int | None = None) -> float:
+    """Top-1 of the shared weights as child `tokens` on its `num_batches` (by default
+    `config.oneshot.eval_batches`) held-out batches."""
     rows = self.device_tokens(tokens)
     totals = None
-    for j in range(self.oneshot.eval_batches):
-      batch = self.held_out[(trial * self.oneshot.eval_batches + j) % len(self.held_out)]
+    n = num_batches or self.oneshot.eval_batches
+    for j in range(n):
+      batch = self.held_out[(trial * n + j) % len(self.held_out)]
       sums = self.reward_fn(self.state, *train.shard_batch(self.mesh, rows, *batch))
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)

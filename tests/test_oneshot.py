@@ -13,15 +13,22 @@ from mnasnet_jax import controller
 from mnasnet_jax import errors
 from mnasnet_jax import history
 from mnasnet_jax import oneshot
+from mnasnet_jax import search
 from mnasnet_jax.configs import search as search_config
 
 
-def tiny_oneshot(table_path, strategy='reinforce', num_children=6):
-  config = test_search.tiny_config(table_path, num_children=num_children, children_per_step=2)
+def tiny_oneshot(table_path, cache_dir, strategy='reinforce', num_children=4):
+  """Every test's programs are the same: compiled once, then read from the persistent cache."""
+  config = test_search.tiny_config(
+    table_path, num_children=num_children, children_per_step=2, cache_dir=cache_dir
+  )
   shipped = search_config.get_config('oneshot_local')
   config.job = shipped.job
   config.oneshot = shipped.oneshot
-  config.oneshot.update(warmup_steps=3, train_steps_per_child=1, checkpoint_every_steps=2)
+  # A checkpoint at the warm-up's end and after each controller step; one report, at the end (each
+  # checkpoint and each plot took seconds here).
+  config.oneshot.update(warmup_steps=2, train_steps_per_child=1, checkpoint_every_steps=100)
+  config.search.report_every_steps = 0
   config.oneshot.update(eval_batch_size=16, eval_examples=32)
   config.reward = shipped.reward
   config.reward.target_ms = 0.5
@@ -33,6 +40,11 @@ def tiny_oneshot(table_path, strategy='reinforce', num_children=6):
 @pytest.fixture(scope='module')
 def table(tmp_path_factory):
   return test_search.tiny_table(str(tmp_path_factory.mktemp('table') / 'tiny.json'))
+
+
+@pytest.fixture(scope='module')
+def cache(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('jax_cache'))
 
 
 def _records(workdir):
@@ -67,27 +79,31 @@ def test_reinforce_learns_the_best_token():
   assert np.isfinite(metrics['entropy'])
 
 
-@pytest.mark.parametrize('strategy', ['reinforce', 'ppo', 'evolution'])
-def test_search_writes_history_and_report(tmp_path, table, strategy):
-  config = tiny_oneshot(table, strategy)
+@pytest.mark.parametrize(
+  'strategy', ['reinforce', pytest.param('ppo', marks=pytest.mark.slow), 'evolution']
+)
+def test_search_writes_history_and_report(tmp_path, table, cache, strategy):
+  config = tiny_oneshot(table, cache, strategy)
   workdir = str(tmp_path / 'oneshot')
   oneshot.run(config, workdir)
   records = _records(workdir)
-  assert [r['trial'] for r in records] == list(range(6))
-  assert [r['step'] for r in records] == [0, 0, 1, 1, 2, 2]
+  assert [r['trial'] for r in records] == list(range(4))
+  assert [r['step'] for r in records] == [0, 0, 1, 1]
   for r in records:
     assert r['status'] == 'ok' and 0 <= r['accuracy'] <= 1 and np.isfinite(r['reward'])
     # warm-up, then one supernet step per child
-    assert r['supernet_step'] == 3 + r['trial'] + 1
+    assert r['supernet_step'] == 2 + r['trial'] + 1
   best = open(os.path.join(workdir, 'best.md')).read()
   assert 'configs/train.py:local --config.arch=' in best
   assert json.load(open(os.path.join(workdir, 'pareto.json')))
 
 
-def test_resume_after_a_kill_is_an_uninterrupted_run(tmp_path, table, monkeypatch):
+@pytest.mark.slow  # three searches
+def test_resume_after_a_kill_is_an_uninterrupted_run(tmp_path, table, cache, monkeypatch):
   """A run stopped inside a controller step (after one child is recorded) and started again ends
   with the history and supernet of a run never stopped."""
-  config = tiny_oneshot(table, num_children=4)
+  config = tiny_oneshot(table, cache)
+  search.enable_compilation_cache(config.search, str(tmp_path))
   whole = oneshot.OneShotSearch(config, str(tmp_path / 'whole'))
   whole.run()
 
@@ -108,7 +124,7 @@ def test_resume_after_a_kill_is_an_uninterrupted_run(tmp_path, table, monkeypatc
   monkeypatch.setattr(oneshot.OneShotSearch, 'shared_accuracy', original)
   resumed = oneshot.OneShotSearch(config, workdir)
   resumed.run()
-  assert resumed.supernet_step == whole.supernet_step == 3 + 4
+  assert resumed.supernet_step == whole.supernet_step == 2 + 4
   strip = lambda rs: [{k: r[k] for k in ('trial', 'tokens', 'accuracy', 'reward')} for r in rs]
   assert strip(_records(workdir)) == strip(_records(str(tmp_path / 'whole')))
   for a, b in zip(jax.tree.leaves(resumed.state.params), jax.tree.leaves(whole.state.params)):

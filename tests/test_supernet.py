@@ -41,7 +41,7 @@ def children(space):
     tokens(2, 0, 0, 0, 1, 0),  # mbconv3, block 0 removed (block 1 one layer fewer)
   ]
   rng = np.random.default_rng(0)
-  chosen += [[int(rng.integers(c)) for c in space.choices] for _ in range(2)]
+  chosen.append([int(rng.integers(c)) for c in space.choices])
   return chosen
 
 

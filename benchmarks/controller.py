@@ -484,7 +484,8 @@ def main(argv):
           print(f'  {name} batch {batch}: {above} seeds beat the reference', flush=True)
         results[name][batch] = summarise(rewards, optimum, samples)
         results[name][batch]['seconds'] = time.time() - started
-        print(f'  {name} batch {batch}: {time.time() - started:.1f}s', flush=True)
+        print_table(kind, optimum, {name: {batch: results[name][batch]}}, samples)
+        print(f'  ({time.time() - started:.1f}s)', flush=True)
     print_table(kind, optimum, results, samples)
     everything[kind] = {
       'optimum': optimum,

@@ -14,8 +14,10 @@ The controller (NASNet's, as MnasNet uses it) is a one-layer LSTM that makes one
 its input is the embedding of the previous decision's choice (a learned start row at step 0), and
 each position has its own softmax head sized to that decision's options. It is trained with PPO:
 the clipped surrogate on whole-sequence probability ratios, advantage = reward - an exponential moving
-average baseline (optionally divided by the batch's reward spread), an optional entropy bonus, several
-epochs of Adam minibatch updates per batch.
+average baseline (or, with `top_fraction` < 1, the batch's top children alone, above the lower edge
+of that fraction: the risk-seeking policy gradient of Petersen et al. 2021), optionally divided by
+the batch's reward spread, an optional entropy bonus, several epochs of Adam minibatch updates per
+batch.
 `tell` treats its tokens as sampled by the current policy (as after the `ask` that produced them).
 
 Every strategy runs on the CPU backend at 'highest' matmul precision, whatever the default device:

@@ -40,7 +40,7 @@ def controller_config():
   controller.ppo = ml_collections.ConfigDict()
   controller.ppo.hidden_size = 100
   controller.ppo.init_range = 0.1  # uniform(-0.1, 0.1) LSTM and embedding weights; heads start at 0
-  # Tuned on benchmarks/controller.py (batches of 32 children): see its docstring for the figures.
+  # Set from benchmarks/controller.py at batches of 64 children: its docstring has the figures.
   controller.ppo.learning_rate = 2e-3
   controller.ppo.max_grad_norm = 1.0
   controller.ppo.clip_epsilon = 0.2
@@ -48,9 +48,9 @@ def controller_config():
   controller.ppo.minibatch_size = 32
   controller.ppo.entropy_weight = 1e-4
   controller.ppo.baseline_decay = 0.9
-  controller.ppo.normalize_advantages = False  # divide advantages by the batch's reward std
+  controller.ppo.normalize_advantages = True  # divide advantages by the batch's reward std
   # < 1: learn from that top fraction of each batch alone (risk-seeking policy gradient).
-  controller.ppo.top_fraction = 1.0
+  controller.ppo.top_fraction = 0.25
   controller.ppo.temperature = 1.0
   # TuNAS's REINFORCE on independent per-decision logits (the one-shot search's default).
   controller.reinforce = ml_collections.ConfigDict()

@@ -112,14 +112,18 @@ def get_config(arg=None):
   if arg.local:
     config.arch = 'mnasnet_small'
     config.batch_size = 32
-    config.num_steps = 1500
-    config.base_learning_rate = 0.02 * 256 / 32  # 0.02 at batch 32
-    config.warmup_epochs = 0.5
+    config.num_steps = 600
+    # From scratch in a few minutes: RMSProp's epsilon at the classification recipe's 1e-3 (the
+    # detection recipe's 1.0 turns the class logits' small gradients into far smaller steps: a run
+    # of 1,000 steps with it stayed at AP 0.001), peak 0.004.
+    config.rmsprop_epsilon = 1e-3
+    config.base_learning_rate = 0.004 * 256 / 32
+    config.warmup_epochs = 0.25
     config.lr_decay_rate = 0.9
     config.lr_decay_epochs = 1.0
     config.bn_momentum = 0.99
     config.eval_batch_size = 50
     config.log_every_steps = 50
-    config.eval_every_steps = 500
-    config.checkpoint_every_steps = 500
+    config.eval_every_steps = 600
+    config.checkpoint_every_steps = 300
   return config

@@ -55,6 +55,14 @@ SMALL = {
     '--config.latency.instances=1',
     '--config.latency.repeats=2',
   ],
+  # The TFLite detector of a small backbone at 64 px, timed twice.
+  'benchmarks/detection_latency.py': [
+    '--arch=mnasnet_small',
+    '--resolution=64',
+    '--num_classes=3',
+    '--repeats=2',
+    '--instances=1',
+  ],
   'configs/export.py:local': [],
   'configs/export.py': [],
   'configs/eval.py:local': ['--config.eval_examples=100'],

@@ -153,8 +153,10 @@ def timm_arch_def(model: models.MnasNet, resolution: int) -> list[list[str]]:
     layers = [next(specs) for _ in range(block.repeats)]
     if block.op != 'mbconv' or block.skip == 'pool':
       raise ValueError(f'the reference builds inverted bottlenecks only, not {block}')
-    timm_adds = any(s.stride == 1 and s.in_filters == s.out_filters for s in layers)
-    noskip = timm_adds and not all(s.residual for s in layers if s.in_filters == s.out_filters)
+    timm_adds = [s for s in layers if s.stride == 1 and s.in_filters == s.out_filters]
+    noskip = any(not s.residual for s in timm_adds)
+    if noskip and any(s.residual for s in timm_adds):
+      raise ValueError(f'timm cannot skip some layers of {block} and not others')
     kind = 'ds' if block.expand == 1 else 'ir'
     parts = [kind, f'r{block.repeats}', f'k{block.kernel}', f's{block.stride}']
     parts += [f'e{block.expand}', f'c{block.out_filters}']

@@ -108,6 +108,14 @@ SMALL = {
     '--budgets_gib=0.5',
   ],
   'benchmarks/latency_table.py': ['--table=litert_cpu_32.json', '--num_random=2', '--batch=2000'],
+  # Two steps of each side, one seed, 100 held-out images.
+  'benchmarks/train_parity.py': [
+    '--steps=2',
+    '--eval_every=2',
+    '--seeds=0',
+    '--set=eval_examples=100',
+    '--torch_threads=1',
+  ],
 }
 # Commands that need ImageNet: without it each must stop at once with the how-to, no traceback.
 NEEDS_IMAGENET = ('configs/search.py', 'configs/train.py', 'configs/eval.py')

@@ -71,6 +71,7 @@ def test_children_cover_every_option():
   assert all(len(set(picked[:, d])) == n for d, n in enumerate(space.choices[:6]))
 
 
+@pytest.mark.slow  # 47 s here at load 5 (the supernet's init and apply, each child's apply)
 def test_fixed_choices_compute_the_standalone_child(supernet_and_variables):
   space, net, variables, images = supernet_and_variables
 

@@ -1,11 +1,11 @@
 """Does the local proxy rank children as full training does? Kendall tau and Spearman on real runs.
 
-    python benchmarks/proxy_ranking.py --workdir=/tmp/proxy_ranking [--archs=12]
+    python benchmarks/proxy_ranking.py --workdir=/tmp/proxy_ranking [--num_archs=12]
         [--variants=local,steps300] [--phases=proxy,full] [--config.proxy.X=Y]
 
 A search is only as good as the agreement between a child's proxy accuracy (what the controller
 is told) and the accuracy it reaches when trained in full (what the user gets). This measures it on
-the local task: `--archs` architectures of configs/search.py:local's space, spread in latency (the
+the local task: `--num_archs` architectures of configs/search.py:local's space, spread in latency (the
 table's latencies of uniform samples, taken at evenly spaced quantiles), each
 
 - scored by the local proxy (`train.proxy_train` with the search config's proxy section, on the
@@ -15,7 +15,7 @@ table's latencies of uniform samples, taken at evenly spaced quantiles), each
   its checkpoint.
 
 Every result is appended to WORKDIR/results.jsonl the moment it exists, and a rerun skips what is
-there, so the measurement resumes where it stopped (runs with another --archs or --arch_seed need
+there, so the measurement resumes where it stopped (runs with another --num_archs or --arch_seed need
 another workdir). Whatever is complete is summarised at the end of every run: for each proxy
 variant, Kendall tau and Spearman between proxy and full accuracy and between proxy and full
 reward (both rewards with the table's latency and the search's T), over the architectures that have
@@ -53,7 +53,7 @@ _CONFIG = config_flags.DEFINE_config_file(
   'The search config whose space, latency table, reward and proxy are measured.',
 )
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where results.jsonl and the full trainings go.')
-_ARCHS = flags.DEFINE_integer('archs', 12, 'Architectures measured, spread in latency.')
+_NUM_ARCHS = flags.DEFINE_integer('num_archs', 12, 'Architectures measured, spread in latency.')
 _ARCH_SEED = flags.DEFINE_integer('arch_seed', 0, 'Seed of the uniform samples they come from.')
 _VARIANTS = flags.DEFINE_list('variants', ['local'], 'Proxy variants to score (VARIANTS).')
 _PHASES = flags.DEFINE_list('phases', ['proxy', 'full'], 'proxy, full or both, in that order.')
@@ -138,7 +138,7 @@ def main(argv):
   space = search_space.SearchSpace(config.search_space)
   table = search_lib.load_table(config.latency.table)
   target_ms = search_lib.target_latency(config.reward, table)
-  tokens, latencies = spread_in_latency(space, table, _ARCHS.value, _ARCH_SEED.value)
+  tokens, latencies = spread_in_latency(space, table, _NUM_ARCHS.value, _ARCH_SEED.value)
   archs = [space.decode(t) for t in tokens]
   done = {(r['phase'], r['variant'], r['index']) for r in read_results(path)}
 
@@ -206,23 +206,23 @@ def main(argv):
     )
   full_seconds = float(np.mean([r['seconds'] for r in full])) if full else None
   print(
-    f'{len(full)} of {_ARCHS.value} trained in full'
+    f'{len(full)} of {_NUM_ARCHS.value} trained in full'
     + (f', {full_seconds:.0f} s each (on this machine, as loaded as it was)' if full else '')
   )
   # The same measurement on ImageNet: each architecture's 5-epoch proxy plus its full training.
   proxy_epochs = search_configs.get_config().proxy.num_epochs
   full_epochs = train_configs.get_config().num_epochs
-  epochs = _ARCHS.value * (proxy_epochs + full_epochs)
+  epochs = _NUM_ARCHS.value * (proxy_epochs + full_epochs)
   device_hours = epochs * PAPER_DEVICE_HOURS / (PAPER_CHILDREN * PAPER_EPOCHS)
   print(
-    f'on ImageNet: {_ARCHS.value} x ({proxy_epochs:g} + {full_epochs:g}) = '
+    f'on ImageNet: {_NUM_ARCHS.value} x ({proxy_epochs:g} + {full_epochs:g}) = '
     f"{epochs:g} ImageNet epochs, about {device_hours:,.0f} TPUv2-device-hours at the paper's "
     'search rate'
   )
   print(
     json.dumps(
       {
-        'archs': _ARCHS.value,
+        'num_archs': _NUM_ARCHS.value,
         'target_ms': target_ms,
         'variants': summary,
         'full_trained': len(full),

@@ -96,7 +96,7 @@ SMALL = {
   ],
   # One architecture, two steps of proxy and of full training.
   'benchmarks/proxy_ranking.py': [
-    '--archs=1',
+    '--num_archs=1',
     '--full_steps=2',
     '--config.proxy.num_steps=2',
     '--config.proxy.eval_examples=100',

@@ -204,6 +204,12 @@ CONV = {'native': conv_native, **cpu.CONV}
 BATCH_NORM = {'autodiff': bn_groups.BatchNorm, **cpu.BATCH_NORM}
 
 
+def _masked(kernel, kernel_mask):
+  return (
+    kernel if kernel_mask is None else kernel * kernel_mask.astype(kernel.dtype)[:, :, None, None]
+  )
+
+
 class DepthwiseConv(nn.Module):
   """k x k depthwise conv, no bias; every form shares one kernel of shape (k, k, 1, C)."""
 
@@ -214,14 +220,15 @@ class DepthwiseConv(nn.Module):
   padding: str = 'same'
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, kernel_mask=None):
+    """`kernel_mask` (k, k), of 0 and 1: a smaller kernel inside this one (supernet.py)."""
     kernel = self.param(
       'kernel',
       depthwise_kernel_init,
       (self.kernel_size, self.kernel_size, 1, x.shape[-1]),
       jnp.float32,
     )
-    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    x, kernel = x.astype(self.dtype), _masked(kernel.astype(self.dtype), kernel_mask)
     return DEPTHWISE[self.form](x, kernel, self.stride, self.padding)
 
 
@@ -239,14 +246,16 @@ class Conv(nn.Module):
   bias_init: Callable = nn.initializers.zeros  # a detector's class logits start at a prior
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, kernel_mask=None):
+    """`kernel_mask` as DepthwiseConv's."""
     kernel = self.param(
       'kernel',
       conv_kernel_init,
       (self.kernel_size, self.kernel_size, x.shape[-1], self.features),
       jnp.float32,
     )
-    y = CONV[self.form](x.astype(self.dtype), kernel.astype(self.dtype), self.stride, self.padding)
+    kernel = _masked(kernel.astype(self.dtype), kernel_mask)
+    y = CONV[self.form](x.astype(self.dtype), kernel, self.stride, self.padding)
     if self.use_bias:
       y = y + self.param('bias', self.bias_init, (self.features,), jnp.float32).astype(self.dtype)
     return y
@@ -275,10 +284,13 @@ class SqueezeExcite(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, reduced_width=None):
+    """`reduced_width` (may be traced): the reduced channels beyond it masked (supernet.py)."""
     conv = functools.partial(Conv, kernel_size=1, form=self.conv, use_bias=True, dtype=self.dtype)
     s = jnp.mean(x, axis=(1, 2), keepdims=True)
     s = nn.relu(conv(self.reduced, name='reduce')(s))
+    if reduced_width is not None:
+      s = s * (jnp.arange(self.reduced) < reduced_width).astype(s.dtype)
     s = nn.sigmoid(conv(x.shape[-1], name='expand')(s))
     return x * s
 

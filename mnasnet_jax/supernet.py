@@ -148,62 +148,6 @@ def kernel_mask(size: int, kernel, dtype):
   return (inside[:, None] & inside[None, :]).astype(dtype)
 
 
-class MaskedConv(nn.Module):
-  """models.Conv's k x k conv with the kernel's outer ring masked to the chosen kernel size."""
-
-  features: int
-  kernel_size: int
-  stride: int
-  form: str
-  dtype: Any = jnp.float32
-  padding: str = 'same'
-
-  @nn.compact
-  def __call__(self, x, kernel):
-    shape = (self.kernel_size, self.kernel_size, x.shape[-1], self.features)
-    weights = self.param('kernel', models.conv_kernel_init, shape, jnp.float32).astype(self.dtype)
-    weights = weights * kernel_mask(self.kernel_size, kernel, self.dtype)[:, :, None, None]
-    return models.CONV[self.form](x.astype(self.dtype), weights, self.stride, self.padding)
-
-
-class MaskedDepthwise(nn.Module):
-  """models.DepthwiseConv with the kernel's outer ring masked to the chosen kernel size."""
-
-  kernel_size: int
-  stride: int
-  form: str
-  dtype: Any = jnp.float32
-  padding: str = 'same'
-
-  @nn.compact
-  def __call__(self, x, kernel):
-    shape = (self.kernel_size, self.kernel_size, 1, x.shape[-1])
-    weights = self.param('kernel', models.depthwise_kernel_init, shape, jnp.float32)
-    weights = (
-      weights.astype(self.dtype)
-      * kernel_mask(self.kernel_size, kernel, self.dtype)[:, :, None, None]
-    )
-    return models.DEPTHWISE[self.form](x.astype(self.dtype), weights, self.stride, self.padding)
-
-
-class MaskedSqueezeExcite(nn.Module):
-  """models.SqueezeExcite at its widest reduction, the reduced channels masked to `reduced`."""
-
-  max_reduced: int
-  conv: str
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, reduced):
-    conv = functools.partial(
-      models.Conv, kernel_size=1, form=self.conv, use_bias=True, dtype=self.dtype
-    )
-    s = jnp.mean(x, axis=(1, 2), keepdims=True)
-    s = channel_mask(nn.relu(conv(self.max_reduced, name='reduce')(s)), reduced)
-    s = nn.sigmoid(conv(x.shape[-1], name='expand')(s))
-    return x * s
-
-
 class SuperLayer(nn.Module):
   """Layer `first` or later of a block: every op of models.MnasLayer the block's options allow, the
   choice's output selected and masked to its width. Input width `in_width` (traced) is carried in
@@ -233,16 +177,17 @@ class SuperLayer(nn.Module):
     def squeeze_excite(y, name):
       if max(p.se_ratios) == 0:
         return y
-      se = MaskedSqueezeExcite(max_reduced, self.conv, self.dtype, name=name)(y, reduced)
+      se = models.SqueezeExcite(max_reduced, self.conv, self.dtype, name=name)(y, reduced)
       return jnp.where(c['se_ratio'] > 0, se, y)
 
     x = x.astype(self.dtype)
     branches = {}
     ops = {op for op, _ in p.conv_ops}
     if 'conv' in ops:
-      y = MaskedConv(
-        p.out_max, max(p.kernels), stride, self.conv, self.dtype, self.padding, name='conv'
-      )(x, c['kernel'])
+      k = max(p.kernels)
+      y = models.Conv(
+        p.out_max, k, self.conv, stride, dtype=self.dtype, padding=self.padding, name='conv'
+      )(x, kernel_mask(k, c['kernel'], self.dtype))
       y = channel_mask(nn.relu(bn(y, 'conv_bn')), out_w)
       branches['conv'] = squeeze_excite(y, 'conv_se')
     if 'mbconv' in ops:
@@ -254,9 +199,10 @@ class SuperLayer(nn.Module):
         e = pointwise(hidden, name='expand')(x)
         e = channel_mask(nn.relu(bn(e, 'expand_bn')), hidden_w)
         h = jnp.where(c['expand'] == 1, h, e) if 1 in expansions else e
-      h = MaskedDepthwise(
-        max(p.kernels), stride, self.depthwise, self.dtype, self.padding, name='depthwise'
-      )(h, c['kernel'])
+      k = max(p.kernels)
+      h = models.DepthwiseConv(
+        k, stride, self.depthwise, self.dtype, self.padding, name='depthwise'
+      )(h, kernel_mask(k, c['kernel'], self.dtype))
       h = channel_mask(nn.relu(bn(h, 'depthwise_bn')), hidden_w)
       h = squeeze_excite(h, 'se')
       y = pointwise(p.out_max, name='project')(h)

@@ -289,7 +289,14 @@ def train_step(
   ((loss, batch_stats, ce, accuracy), grads) = accumulate(
     gradients, images, labels, dropout_key, micro_batch
   )
-  grads = lax.pmean(grads, AXIS)
+  metrics = lax.pmean({'loss': loss, 'cross_entropy': ce, 'accuracy': accuracy}, AXIS)
+  metrics['learning_rate'] = schedule(state.step)
+  return apply_gradients(state, lax.pmean(grads, AXIS), batch_stats, tx=tx, config=config), metrics
+
+
+def apply_gradients(state: TrainState, grads, batch_stats, *, tx, config) -> TrainState:
+  """The optimizer's update with the global batch's gradients, then the EMA of weights and BN
+  statistics: the end of every job's training step (classification, detection)."""
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   step = state.step + 1
@@ -299,9 +306,7 @@ def train_step(
     average = lambda old, new: decay * old + (1 - decay) * new
     ema_params = jax.tree.map(average, ema_params, params)
     ema_batch_stats = jax.tree.map(average, ema_batch_stats, batch_stats)
-  metrics = lax.pmean({'loss': loss, 'cross_entropy': ce, 'accuracy': accuracy}, AXIS)
-  metrics['learning_rate'] = schedule(state.step)
-  new_state = state.replace(
+  return state.replace(
     step=step,
     params=params,
     batch_stats=batch_stats,
@@ -309,7 +314,6 @@ def train_step(
     ema_params=ema_params,
     ema_batch_stats=ema_batch_stats,
   )
-  return new_state, metrics
 
 
 def batch_stats_step(variables, images, *, model, image_stats=None):

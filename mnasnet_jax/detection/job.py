@@ -17,7 +17,6 @@ from jax import lax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 import numpy as np
-import optax
 
 from mnasnet_jax import errors
 from mnasnet_jax import models
@@ -86,16 +85,6 @@ def train_step(state, images, boxes, labels, *, model, tx, schedule, config, anc
     return total, (updates['batch_stats'], parts)
 
   (total, (batch_stats, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  grads = lax.pmean(grads, AXIS)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  step = state.step + 1
-  ema_params, ema_batch_stats = state.ema_params, state.ema_batch_stats
-  if config.ema_decay:
-    decay = train.ema_decay_at(config.ema_decay, step)
-    average = lambda old, new: decay * old + (1 - decay) * new
-    ema_params = jax.tree.map(average, ema_params, params)
-    ema_batch_stats = jax.tree.map(average, ema_batch_stats, batch_stats)
   metrics = lax.pmean(
     {
       'loss': total,
@@ -106,15 +95,8 @@ def train_step(state, images, boxes, labels, *, model, tx, schedule, config, anc
     AXIS,
   )
   metrics['learning_rate'] = schedule(state.step)
-  new_state = state.replace(
-    step=step,
-    params=params,
-    batch_stats=batch_stats,
-    opt_state=opt_state,
-    ema_params=ema_params,
-    ema_batch_stats=ema_batch_stats,
-  )
-  return new_state, metrics
+  grads = lax.pmean(grads, AXIS)
+  return train.apply_gradients(state, grads, batch_stats, tx=tx, config=config), metrics
 
 
 def predictions(mesh, model, anchors, scales, image_stats):

@@ -135,9 +135,9 @@ def feature_sizes(resolution: int, num_extra: int) -> list[int]:
   return sizes
 
 
-def anchors(config, resolution: int):
-  """[N, 4] anchors of `config` (configs/detection.py's `anchors` and `ssd`) at `resolution`."""
-  specs = anchors_lib.box_specs(
+def box_specs(config):
+  """The (scale, aspect ratio) boxes of each feature map: the two backbone maps and the extras."""
+  return anchors_lib.box_specs(
     len(config.ssd.extra_depths) + 2,
     config.anchors.min_scale,
     config.anchors.max_scale,
@@ -145,18 +145,16 @@ def anchors(config, resolution: int):
     config.anchors.interpolated_scale_aspect_ratio,
     config.anchors.reduce_boxes_in_lowest_layer,
   )
+
+
+def anchors(config, resolution: int):
+  """[N, 4] anchors of `config` (configs/detection.py's `anchors` and `ssd`) at `resolution`."""
+  specs = box_specs(config)
   return anchors_lib.ssd_anchors(feature_sizes(resolution, len(config.ssd.extra_depths)), specs)
 
 
 def boxes_per_location(config) -> tuple[int, ...]:
-  specs = anchors_lib.box_specs(
-    len(config.ssd.extra_depths) + 2,
-    config.anchors.min_scale,
-    config.anchors.max_scale,
-    config.anchors.aspect_ratios,
-    config.anchors.interpolated_scale_aspect_ratio,
-    config.anchors.reduce_boxes_in_lowest_layer,
-  )
+  specs = box_specs(config)
   return tuple(len(s) for s in specs)
 
 

@@ -295,17 +295,10 @@ def _pareto(value, cost):
   return order[value[order] > best_before]
 
 
-def _pure(strategy):
-  """A strategy's jitted-free ask(state, num) and tell(state, tokens, rewards), for one scan."""
-  ask = getattr(strategy, '_ask_impl', None) or strategy._sample_impl
-  tell = getattr(strategy, '_tell_impl', None) or getattr(strategy, '_update_impl', None)
-  return ask, tell or (lambda state, tokens, rewards: (state, {}))  # random search learns nothing
-
-
 def search(strategy, score, seeds, samples, batch):
   """Every seed's search in one jitted, vmapped scan: rewards [seeds, samples] in the order asked,
   and each seed's best tokens. `score` maps tokens [N, T] to rewards [N], traced."""
-  ask, tell = _pure(strategy)
+  ask, tell = strategy._ask_impl, strategy._tell_impl  # pure: traced into the one scan
   rounds = -(-samples // batch)  # the last round's extra samples are cut from the rewards
 
   def one(carry, _):

@@ -181,17 +181,37 @@ def _ppo_loss(params, tokens, old_log_probs, advantages, weights, choices, confi
   }
 
 
-class PPO:
+class _Strategy:
+  """The ask/tell interface every strategy shares: `_ask_impl(state, num)` and `_tell_impl(state,
+  tokens, rewards)` are pure (benchmarks/controller.py scans them), jitted here and run on the CPU
+  with the tokens and rewards checked."""
+
+  def __init__(self, choices: Sequence[int]):
+    self.choices = tuple(int(c) for c in choices)
+    self._ask = jax.jit(self._ask_impl, static_argnums=1)
+    self._tell = jax.jit(self._tell_impl)
+
+  @_on_cpu
+  def ask(self, state, num: int):
+    tokens, state = self._ask(state, _check_num(num))
+    return np.array(tokens), state
+
+  @_on_cpu
+  def tell(self, state, tokens, rewards):
+    tokens, rewards = _as_batch(tokens, rewards, len(self.choices))
+    state, metrics = self._tell(state, tokens, rewards)
+    return state, {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+class PPO(_Strategy):
   """The LSTM controller trained with PPO; state: params, opt_state, baseline, key, step."""
 
   def __init__(self, config, choices: Sequence[int]):
     self.config = config
-    self.choices = tuple(int(c) for c in choices)
+    super().__init__(choices)
     self.optimizer = optax.chain(
       optax.clip_by_global_norm(config.max_grad_norm), optax.adam(config.learning_rate)
     )
-    self._sample = jax.jit(self._sample_impl, static_argnums=1)
-    self._update = jax.jit(self._update_impl)
 
   @_on_cpu
   def init(self, seed: int) -> dict:
@@ -205,17 +225,12 @@ class PPO:
       'step': jnp.zeros((), jnp.int32),
     }
 
-  def _sample_impl(self, state, num):
+  def _ask_impl(self, state, num):
     key, sample_key = jax.random.split(state['key'])
     tokens, _ = sample(state['params'], sample_key, self.choices, num, self.config.temperature)
     return tokens, {**state, 'key': key}
 
-  @_on_cpu
-  def ask(self, state, num: int):
-    tokens, state = self._sample(state, _check_num(num))
-    return np.array(tokens), state
-
-  def _update_impl(self, state, tokens, rewards):
+  def _tell_impl(self, state, tokens, rewards):
     config = self.config
     num = tokens.shape[0]
     old_log_probs, entropies = log_prob(state['params'], tokens, self.choices, config.temperature)
@@ -279,12 +294,6 @@ class PPO:
     }
     return new_state, metrics
 
-  @_on_cpu
-  def tell(self, state, tokens, rewards):
-    tokens, rewards = _as_batch(tokens, rewards, len(self.choices))
-    state, metrics = self._update(state, tokens, rewards)
-    return state, {k: float(v) for k, v in jax.device_get(metrics).items()}
-
 
 # --- REINFORCE with independent logits (TuNAS) ----------------------------------------------------
 
@@ -294,17 +303,15 @@ def _independent_log_probs(logits, choices):
   return jax.nn.log_softmax(jnp.where(valid, logits, _MASKED))
 
 
-class Reinforce:
+class Reinforce(_Strategy):
   """TuNAS's controller (Bender et al. 2020): one independent softmax per decision, no RNN, trained
   by REINFORCE (advantage = reward - a moving-average baseline) with Adam; state: logits,
   opt_state, baseline, key, step. The logits start at 0: every choice equally likely."""
 
   def __init__(self, config, choices: Sequence[int]):
     self.config = config
-    self.choices = tuple(int(c) for c in choices)
+    super().__init__(choices)
     self.optimizer = optax.adam(config.learning_rate)
-    self._sample = jax.jit(self._sample_impl, static_argnums=1)
-    self._update = jax.jit(self._update_impl)
 
   @_on_cpu
   def init(self, seed: int) -> dict:
@@ -317,18 +324,13 @@ class Reinforce:
       'step': jnp.zeros((), jnp.int32),
     }
 
-  def _sample_impl(self, state, num):
+  def _ask_impl(self, state, num):
     key, sample_key = jax.random.split(state['key'])
     log_probs = _independent_log_probs(state['logits'], self.choices)
     tokens = jax.random.categorical(sample_key, log_probs, shape=(num, len(self.choices)))
     return tokens.astype(jnp.int32), {**state, 'key': key}
 
-  @_on_cpu
-  def ask(self, state, num: int):
-    tokens, state = self._sample(state, _check_num(num))
-    return np.array(tokens), state
-
-  def _update_impl(self, state, tokens, rewards):
+  def _tell_impl(self, state, tokens, rewards):
     config = self.config
     baseline = jnp.where(state['step'] == 0, jnp.mean(rewards), state['baseline'])
     advantages = rewards - baseline
@@ -357,17 +359,11 @@ class Reinforce:
     }
     return new_state, metrics
 
-  @_on_cpu
-  def tell(self, state, tokens, rewards):
-    tokens, rewards = _as_batch(tokens, rewards, len(self.choices))
-    state, metrics = self._update(state, tokens, rewards)
-    return state, {k: float(v) for k, v in jax.device_get(metrics).items()}
-
 
 # --- regularised evolution ------------------------------------------------------------------------
 
 
-class Evolution:
+class Evolution(_Strategy):
   """Regularised evolution (Real et al. 2019): tournament selection, one-decision mutation, aging.
 
   The population is a ring buffer of the last `population_size` children told, so the oldest dies
@@ -376,7 +372,7 @@ class Evolution:
 
   def __init__(self, config, choices: Sequence[int]):
     self.config = config
-    self.choices = tuple(int(c) for c in choices)
+    super().__init__(choices)
     if config.sample_size < 1 or config.population_size < 1:
       raise errors.UserError(
         f'population_size ({config.population_size}) and sample_size '
@@ -384,8 +380,6 @@ class Evolution:
       )
     if max(self.choices) < 2:
       raise ValueError(f'nothing to mutate: every position has one option ({self.choices})')
-    self._ask = jax.jit(self._ask_impl, static_argnums=1)
-    self._tell = jax.jit(self._tell_impl)
 
   @_on_cpu
   def init(self, seed: int) -> dict:
@@ -418,11 +412,6 @@ class Evolution:
     tokens = jnp.where(state['count'] >= size, children, random)
     return tokens, {**state, 'key': key}
 
-  @_on_cpu
-  def ask(self, state, num: int):
-    tokens, state = self._ask(state, _check_num(num))
-    return np.array(tokens), state
-
   def _tell_impl(self, state, tokens, rewards):
     size = self.config.population_size
 
@@ -450,23 +439,16 @@ class Evolution:
     }
     return new_state, metrics
 
-  @_on_cpu
-  def tell(self, state, tokens, rewards):
-    tokens, rewards = _as_batch(tokens, rewards, len(self.choices))
-    state, metrics = self._tell(state, tokens, rewards)
-    return state, {k: float(v) for k, v in jax.device_get(metrics).items()}
-
 
 # --- random search --------------------------------------------------------------------------------
 
 
-class RandomSearch:
+class RandomSearch(_Strategy):
   """Uniform samples from the space: the baseline every search must beat."""
 
   def __init__(self, config, choices: Sequence[int]):
     del config
-    self.choices = tuple(int(c) for c in choices)
-    self._ask = jax.jit(self._ask_impl, static_argnums=1)
+    super().__init__(choices)
 
   @_on_cpu
   def init(self, seed: int) -> dict:
@@ -480,21 +462,15 @@ class RandomSearch:
     key, sample_key = jax.random.split(state['key'])
     return _uniform_tokens(sample_key, jnp.asarray(self.choices), num), {**state, 'key': key}
 
-  @_on_cpu
-  def ask(self, state, num: int):
-    tokens, state = self._ask(state, _check_num(num))
-    return np.array(tokens), state
-
-  @_on_cpu
-  def tell(self, state, tokens, rewards):
-    tokens, rewards = _as_batch(tokens, rewards, len(self.choices))
+  def _tell_impl(self, state, tokens, rewards):
+    del tokens  # nothing to learn
     best = jnp.maximum(state['best_reward'], jnp.max(rewards))
     state = {**state, 'best_reward': best, 'step': state['step'] + 1}
     return state, {
-      'mean_reward': float(jnp.mean(rewards)),
-      'max_reward': float(jnp.max(rewards)),
-      'best_reward': float(best),
-      'entropy': float(sum(math.log(c) for c in self.choices)),
+      'mean_reward': jnp.mean(rewards),
+      'max_reward': jnp.max(rewards),
+      'best_reward': best,
+      'entropy': jnp.float32(sum(math.log(c) for c in self.choices)),
     }
 
 

@@ -1,6 +1,8 @@
 """Tests see 8 CPU devices, so data-parallel code runs as it would on a TPU host. Stand-ins for
 the external tools the project drives (a phone's adb, Cloud's gcloud) are shared fixtures here."""
 
+import functools
+import importlib.util
 import os
 import stat
 import sys
@@ -68,3 +70,19 @@ def fake_gcloud(tmp_path):
   script.write_text(f'#!/usr/bin/env bash\nprintf "%s|" "$@" >> {record}\necho >> {record}\n')
   script.chmod(0o755)
   return script, record
+
+
+@pytest.fixture(scope='session')
+def benchmark_module():
+  """benchmarks/NAME.py as a module, loaded once a process (its absl flags are defined, never
+  parsed: two scripts' flags must not share a name)."""
+
+  @functools.cache
+  def load(name):
+    path = os.path.join(os.path.dirname(__file__), '..', 'benchmarks', f'{name}.py')
+    spec = importlib.util.spec_from_file_location(f'benchmark_{name}', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+  return load

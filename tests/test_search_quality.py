@@ -1,9 +1,6 @@
 """Search-quality reporting: the mean reward per controller step in best.md, and the proxy-ranking
 benchmark's statistics and choice of architectures."""
 
-import importlib.util
-import os
-
 import numpy as np
 
 from mnasnet_jax import pareto
@@ -51,17 +48,8 @@ def test_mean_reward_per_step_in_best_md(tmp_path):
   )
 
 
-def _benchmark(name):
-  """A benchmarks/ script as a module (its absl flags are defined, not parsed)."""
-  path = os.path.join(os.path.dirname(__file__), '..', 'benchmarks', f'{name}.py')
-  spec = importlib.util.spec_from_file_location(f'benchmark_{name}', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-def test_proxy_ranking_statistics_and_spread():
-  ranking = _benchmark('proxy_ranking')
+def test_proxy_ranking_statistics_and_spread(benchmark_module):
+  ranking = benchmark_module('proxy_ranking')
   # By hand: one discordant pair of six, Kendall 4/6; rank differences 0, 1, 1, 0, Spearman 1 - 12/60.
   got = ranking.rank_agreement([1, 2, 3, 4], [10, 30, 20, 40])
   np.testing.assert_allclose([got['kendall_tau'], got['spearman']], [4 / 6, 0.8])

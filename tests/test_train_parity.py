@@ -1,9 +1,5 @@
 """benchmarks/train_parity.py's reference (PyTorch + timm) against this project's training step."""
 
-import functools
-import importlib.util
-import os
-
 import ml_collections
 import numpy as np
 import pytest
@@ -13,15 +9,6 @@ from mnasnet_jax import optim
 from mnasnet_jax.configs import train as train_config
 
 pytest.importorskip('timm')
-
-
-@functools.cache
-def _parity():
-  path = os.path.join(os.path.dirname(__file__), '..', 'benchmarks', 'train_parity.py')
-  spec = importlib.util.spec_from_file_location('benchmark_train_parity', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def _config(arch, **overrides):
@@ -52,16 +39,16 @@ def _config(arch, **overrides):
     'r1_k3_s11_e1_i32_o16,r2_k5_s22_e3_i16_o24_se0.25_noskip',
   ],
 )
-def test_reference_is_the_same_function(arch):
-  parity = _parity()
+def test_reference_is_the_same_function(arch, benchmark_module):
+  parity = benchmark_module('train_parity')
   config = _config(arch)
   data = input_pipeline.create(config.data, 'full')
   reference = parity.reference_model(config, data.num_classes, data.image_size)
   assert parity.check_same_function(config, data, reference) < 1e-5
 
 
-def test_reference_schedule_is_the_official_one():
-  parity = _parity()
+def test_reference_schedule_is_the_official_one(benchmark_module):
+  parity = benchmark_module('train_parity')
   config = _config('mnasnet_a1', warmup_epochs=1.0, lr_decay_epochs=0.5)
   data = input_pipeline.create(config.data, 'full')
   per_epoch = parity.steps_per_epoch(config, data)
@@ -80,10 +67,10 @@ def test_reference_schedule_is_the_official_one():
 
 
 @pytest.mark.slow
-def test_project_step_tracks_the_reference_step():
+def test_project_step_tracks_the_reference_step(benchmark_module):
   """Same weights, same batches: RMSProp-TF, schedule, L2, label smoothing, BN's running averages
   and the EMA of both sides agree."""
-  parity = _parity()
+  parity = benchmark_module('train_parity')
   config = _config(
     'r1_k3_s11_e1_i32_o16_noskip,r2_k3_s22_e3_i16_o24_se0.25', warmup_epochs=0.25, ema_decay=0.99
   )

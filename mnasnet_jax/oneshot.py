@@ -234,7 +234,7 @@ class OneShotSearch(search.Search):
       if known[c]:
         continue
       trained = time.perf_counter()
-      accuracy = search._float32(self.shared_accuracy(child['trial'], child['tokens']))  # pylint: disable=protected-access
+      accuracy = self.shared_accuracy(child['trial'], child['tokens'])
       outcome = {
         'status': 'ok',
         'reason': None,

@@ -196,7 +196,7 @@ class Search:
         devices=jax.local_devices(),
       )
       outcome.update(
-        accuracy=_float32(result['accuracy']),
+        accuracy=float(result['accuracy']),
         compile_seconds=float(result['compile_seconds']),
         train_seconds=float(result['train_seconds']),
       )
@@ -215,6 +215,7 @@ class Search:
     device's memory, not the architecture's accuracy, and the controller must not learn it."""
     record = dict(child, **outcome, process=process)
     if record['status'] == 'ok':
+      record['accuracy'] = _float32(record['accuracy'])
       record['reward'] = _float32(
         reward_lib.compute(
           self.config.reward, record['accuracy'], record['latency_ms'], self.target_ms

@@ -69,6 +69,11 @@ def reward_step(state, tokens, images, labels, mask, *, net, image_stats):
 class OneShotSearch(search.Search):
   """search.Search with the children's proxy trainings replaced by one supernet's training."""
 
+  ACCURACY = (
+    'top-1 of the shared weights on held-out batches (at the supernet step history.jsonl gives), '
+    'not of the child trained alone'
+  )
+
   def __init__(self, config, workdir: str):
     super().__init__(config, workdir)
     self.oneshot = o = config.oneshot

@@ -19,6 +19,9 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
+# What a record's accuracy is, as best.md says it (the one-shot search measures another).
+PROXY_ACCURACY = 'top-1 on the held-out part after proxy training'
+
 
 def pareto_front(accuracy: Sequence[float], latency_ms: Sequence[float]) -> np.ndarray:
   """Indices of the non-dominated points (higher accuracy, lower latency), by increasing latency.
@@ -187,6 +190,7 @@ def write_best(
   top_k: int,
   train_config: str,
   description: str,
+  accuracy: str = PROXY_ACCURACY,
 ) -> None:
   best = best_records(records, top_k)
   front_trials = {r['trial'] for r in front_records(records)}
@@ -200,8 +204,8 @@ def write_best(
     f'{len(records)} children recorded, {len(ok)} evaluated, {failed} failed'
     + (f', {oom} did not fit the device' if oom else '')
     + '; '
-    f'target latency T = {target_ms:.4g} ms. Accuracy is top-1 on the held-out part after proxy '
-    "training; latency is the lookup table's prediction; multiply-adds and parameters are "
+    f'target latency T = {target_ms:.4g} ms. Accuracy is {accuracy}; '
+    "latency is the lookup table's prediction; multiply-adds and parameters are "
     'counted analytically (`models.summary`).',
     '',
   ]
@@ -240,6 +244,7 @@ def write_report(
   top_k: int,
   train_config: str,
   description: str,
+  accuracy: str = PROXY_ACCURACY,
 ) -> dict:
   """Writes pareto.json, pareto.png, latency_histogram.png and best.md; returns their paths."""
   front = front_records(records)
@@ -273,5 +278,6 @@ def write_report(
     top_k=top_k,
     train_config=train_config,
     description=description,
+    accuracy=accuracy,
   )
   return paths

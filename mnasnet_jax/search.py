@@ -119,6 +119,8 @@ class Search:
   Everything the config names is checked before the dataset loads, and the dataset before the
   workdir is touched, so a mistake costs seconds, not a child's training."""
 
+  ACCURACY = pareto.PROXY_ACCURACY  # what a record's accuracy is, for best.md
+
   def __init__(self, config, workdir: str):
     self.config = config
     self.search = config.search
@@ -436,6 +438,7 @@ class Search:
       top_k=self.search.report_top_k,
       train_config=self.search.train_config,
       description=description,
+      accuracy=self.ACCURACY,
     )
 
   def run(self):

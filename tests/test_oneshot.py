@@ -94,6 +94,7 @@ def test_search_writes_history_and_report(tmp_path, table, cache, strategy):
     assert r['supernet_step'] == 2 + r['trial'] + 1
   best = open(os.path.join(workdir, 'best.md')).read()
   assert 'configs/train.py:local --config.arch=' in best
+  assert 'Accuracy is top-1 of the shared weights' in best
   assert json.load(open(os.path.join(workdir, 'pareto.json')))
 
 

@@ -404,7 +404,7 @@ def recalibrate_batch_stats(
   )
   total = None
   for _ in range(num_batches):
-    images, _ = shard_batch(mesh, *next(batches))
+    (images,) = shard_batch(mesh, next(batches)[0])
     batch = stats_fn(variables, images)
     total = batch if total is None else jax.tree.map(jnp.add, total, batch)
   mean = jax.tree.map(lambda x: x / num_batches, total)

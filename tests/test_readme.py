@@ -45,10 +45,12 @@ SMALL = {
     '--config.eval_examples=100',
     '--config.checkpoint_every_steps=2',
   ],
-  # Two steps at 64 px, 20 canvases evaluated, the TFLite detector timed twice.
+  # Two steps at 64 px, BN recalibrated on 2 batches, 20 canvases evaluated, the TFLite detector
+  # timed twice.
   'configs/detection.py:local': [
     '--config.resolution=64',
     '--config.num_steps=2',
+    '--config.bn_recalibration_batches=2',
     '--config.data.num_eval=20',
     '--config.eval_batch_size=8',
     '--config.picture_images=2',

@@ -66,6 +66,12 @@ def reward_step(state, tokens, images, labels, mask, *, net, image_stats):
   )
 
 
+def step_number(step: int) -> np.ndarray:
+  """A step as checkpoints hold it: a 0-d array (Orbax restores no NumPy scalar, np.int32(0): a
+  template holding one fails as if the checkpoint were unreadable)."""
+  return np.asarray(step, np.int32)
+
+
 class OneShotSearch(search.Search):
   """search.Search with the children's proxy trainings replaced by one supernet's training."""
 
@@ -173,8 +179,8 @@ class OneShotSearch(search.Search):
     """Saves supernet, strategy and position under the supernet step."""
     item = {
       'controller': jax.device_get(controller_state),
-      'controller_step': np.int32(controller_step),
-      'supernet_step': np.int32(self.supernet_step),
+      'controller_step': step_number(controller_step),
+      'supernet_step': step_number(self.supernet_step),
       'supernet': self.state,
     }
     self.checkpoints.save(self.supernet_step, args=ocp.args.StandardSave(item))
@@ -189,8 +195,8 @@ class OneShotSearch(search.Search):
     self.state = self.make_state()
     fresh = {
       'controller': jax.device_get(self.strategy.init(self.search.seed)),
-      'controller_step': np.int32(0),
-      'supernet_step': np.int32(0),
+      'controller_step': step_number(0),
+      'supernet_step': step_number(0),
       'supernet': self.state,
     }
     restored, _ = self.restore(fresh)

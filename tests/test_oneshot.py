@@ -122,9 +122,19 @@ def test_resume_after_a_kill_is_an_uninterrupted_run(tmp_path, table, cache, mon
     oneshot.OneShotSearch(config, workdir).run()
   assert len(_records(workdir)) == 3  # trial 2 of step 1 recorded, trial 3 not
   monkeypatch.setattr(oneshot.OneShotSearch, 'shared_accuracy', original)
+  trained = []
+  train_on = oneshot.OneShotSearch.train_on
+  monkeypatch.setattr(
+    oneshot.OneShotSearch,
+    'train_on',
+    lambda self, tokens, steps: trained.append(steps) or train_on(self, tokens, steps),
+  )
   resumed = oneshot.OneShotSearch(config, workdir)
   resumed.run()
   assert resumed.supernet_step == whole.supernet_step == 2 + 4
+  # It went on from the checkpoint after controller step 0 (supernet step 4): only step 1's two
+  # children trained again, not the whole run from the start.
+  assert sum(trained) == 2
   strip = lambda rs: [{k: r[k] for k in ('trial', 'tokens', 'accuracy', 'reward')} for r in rs]
   assert strip(_records(workdir)) == strip(_records(str(tmp_path / 'whole')))
   for a, b in zip(jax.tree.leaves(resumed.state.params), jax.tree.leaves(whole.state.params)):

@@ -331,6 +331,14 @@ def batch_stats_step(variables, images, *, model, image_stats=None):
   return updates['batch_stats']
 
 
+def batch_stats_program(model, mesh, image_stats=None):
+  """The data-parallel batch_stats_step of `model` (whose BN momentum must be 0), as
+  recalibrate_batch_stats takes it."""
+  return data_parallel(
+    functools.partial(batch_stats_step, model=model, image_stats=image_stats), mesh, 1
+  )
+
+
 def eval_step(state: TrainState, images, labels, mask, *, model, use_ema: bool, image_stats=None):
   """Sums over the global batch (padding masked out): top-1 and top-5 hits, loss, count."""
   variables = (
@@ -555,13 +563,7 @@ def proxy_train(config, arch, data: input_pipeline.Data, seed: int = 0, devices=
     'eval': lambda: eval_fn.lower(abstract, *eval_shapes).compile(),
   }
   if recalibration:
-    stats_fn = data_parallel(
-      functools.partial(
-        batch_stats_step, model=model.clone(bn_momentum=0.0), image_stats=image_stats
-      ),
-      mesh,
-      1,
-    )
+    stats_fn = batch_stats_program(model.clone(bn_momentum=0.0), mesh, image_stats)
     programs['stats'] = lambda: stats_fn.lower(
       (abstract.params, abstract.batch_stats), train_shapes[0]
     ).compile()

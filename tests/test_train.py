@@ -98,9 +98,7 @@ def test_recalibrated_statistics_are_the_batches_own_on_8_devices():
   config = _train_config(bn_group_size=8)  # 4 images per device: a group spans 2 devices
   mesh, model, tx, schedule, state = _setup(config, jax.devices())
   batches = _batches(3)
-  stats_fn = train.data_parallel(
-    functools.partial(train.batch_stats_step, model=model.clone(bn_momentum=0.0)), mesh, 1
-  )
+  stats_fn = train.batch_stats_program(model.clone(bn_momentum=0.0), mesh)
   recalibrated = train.recalibrate_batch_stats(
     stats_fn, train.replicate(state, mesh), iter(batches), 3, mesh, use_ema=False
   )

@@ -1,9 +1,10 @@
 """The 'detect' job: SSDLite trained and evaluated on `config.data` with train.py's pieces
 (RMSProp-TF and its schedule, EMA, the data-parallel step over a mesh, Orbax checkpoints that a
-restarted job resumes from, TensorBoard scalars), COCO mAP after every `eval_every_steps`, then a
-picture of predicted boxes (DIR/detections.png) and the TFLite detector (DIR/detector.tflite)
-checked against the JAX outputs and timed. A finished workdir run again is evaluated again.
-Multi-host jobs evaluate process 0's share of the evaluation split."""
+restarted job resumes from, TensorBoard scalars), COCO mAP after every `eval_every_steps` (on BN
+statistics re-estimated first when `bn_recalibration_batches` is set), then a picture of predicted
+boxes (DIR/detections.png) and the TFLite detector (DIR/detector.tflite) checked against the JAX
+outputs and timed. A finished workdir run again is evaluated again. Multi-host jobs evaluate
+process 0's share of the evaluation split."""
 
 from __future__ import annotations
 
@@ -160,11 +161,11 @@ def draw(shown, class_names, min_score: float, iou_threshold: float, path: str):
         plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ls='--', ec='white', lw=0.8)
       )
     confident = found['scores'] >= min_score
-    boxes, scores = found['boxes'][confident], found['scores'][confident]
+    boxes, scores, classes = (found[k][confident] for k in ('boxes', 'scores', 'classes'))
     for i in nms.non_max_suppression(boxes, scores, iou_threshold, len(scores)):
       y0, x0, y1, x1 = boxes[i] * size
       ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec='orange', lw=1.2))
-      label = class_names[found['classes'][confident][i] - 1]
+      label = class_names[classes[i] - 1]
       ax.text(x0, y0, f'{label} {scores[i]:.2f}', color='orange', fontsize=6, va='bottom')
   fig.suptitle('SSDLite: predicted boxes (orange), ground truth (dashed)', fontsize=8)
   fig.tight_layout()
@@ -270,14 +271,8 @@ def run(config, workdir):
     num_train_steps=total_steps, writer=writer, every_steps=config.log_every_steps
   )
   batches = data.train_batches(local_batch, config.seed, start_step)
-  stats_fn = train.data_parallel(
-    functools.partial(
-      train.batch_stats_step,
-      model=create_detector(config, definition, data.num_classes, bn_momentum=0.0),
-      image_stats=image_stats,
-    ),
-    mesh,
-    1,
+  stats_fn = train.batch_stats_program(
+    create_detector(config, definition, data.num_classes, bn_momentum=0.0), mesh, image_stats
   )
 
   def recalibrated(state):

@@ -99,10 +99,7 @@ def measure(arch, blocks, chips: int, proxy) -> dict:
     config.bn_group_size, config.device_memory_gib = group_size, budget_gib
     model = train.create_model(config, blocks, 1000).clone(batch_norm='autodiff')
     make_state = functools.partial(train.create_state, model, tx, size, bool(config.ema_decay), 0)
-    state = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, P())),
-      jax.eval_shape(make_state),
-    )
+    state = train.abstract_state(make_state, mesh)
     start = time.perf_counter()
     try:
       fitted = train.fit_train_step(config, model, tx, schedule, mesh, state, batch_shapes)

@@ -15,6 +15,13 @@
    multi-trial search's budget, and its reward under the multi-trial search's reward, against the
    best reward in `--multi_trial`'s history (a workdir of `configs/search.py:local`) when given.
 
+4. `--imagenet_cost`: the ImageNet configurations' cost, from step times measured here at 224 px
+   (`--cost_batch` images a step, the CPU's forms): the one-shot search's supernet steps and
+   reward passes against the multi-trial search's proxy trainings (children drawn uniformly from
+   its space), both as configured (configs/search.py and :oneshot); the measured ratio scales the
+   paper's 4.5 days on 64 TPUv2 (section 5) into TPUv2-hours. Only the ratio is measured, on a CPU,
+   not on a TPU.
+
 Standalone trainings take about 20 s each on an idle 2-core VM (compile most of it), so
 `--num_archs=20` adds about 7 minutes. Each standalone result is kept in
 WORKDIR/standalone.jsonl and reused when the benchmark runs again. The last line is one JSON object.
@@ -41,6 +48,109 @@ _MULTI = flags.DEFINE_string('multi_trial', None, 'Workdir of a configs/search.p
 _NUM = flags.DEFINE_integer('num_archs', 20, 'Architectures for the rank correlation.')
 _SKIP = flags.DEFINE_bool('skip_search', False, 'Use the search in WORKDIR/search as it stands.')
 _SEED = flags.DEFINE_integer('seed', 1, 'Seed of the uniformly drawn architectures.')
+_COST = flags.DEFINE_bool('imagenet_cost', False, "Only: estimate the ImageNet searches' cost.")
+_COST_BATCH = flags.DEFINE_integer('cost_batch', 8, 'Images per timed step at 224 px.')
+_COST_CHILDREN = flags.DEFINE_integer(
+  'cost_children', 3, 'Children timed for the multi-trial cost.'
+)
+_COST_STEPS = flags.DEFINE_integer('cost_steps', 5, 'Timed steps of each program (after one).')
+# The paper's search: about 8,000 children in 4.5 days on 64 TPUv2 (section 5).
+PAPER_TPU_HOURS = 4.5 * 24 * 64
+
+
+def seconds_per_image(program, state, args, batch: int):
+  """(median seconds per image of `program(state, *args)` over the timed steps after a first, the
+  state it ends with: a program returning (state, ...) gets each call's state, donated or not)."""
+  import jax
+
+  times = []
+  for _ in range(_COST_STEPS.value + 1):
+    start = time.perf_counter()
+    state = jax.block_until_ready(program(state, *args))[0]
+    times.append(time.perf_counter() - start)
+  return float(np.median(times[1:])) / batch, state
+
+
+def imagenet_cost() -> dict:
+  """The one-shot ImageNet search's cost against the multi-trial one's, by measured step times."""
+  import functools
+
+  import jax
+  import jax.numpy as jnp
+
+  from mnasnet_jax import input_pipeline
+  from mnasnet_jax import oneshot
+  from mnasnet_jax import platform
+  from mnasnet_jax import search_space
+  from mnasnet_jax import supernet
+  from mnasnet_jax import train
+  from mnasnet_jax.configs import search as search_config
+
+  multi, single = search_config.get_config(), search_config.get_config('oneshot')
+  space = search_space.SearchSpace(multi.search_space)
+  mesh = platform.data_mesh(jax.local_devices()[:1])
+  batch, size = _COST_BATCH.value, 224
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+  labels = rng.integers(0, 1000, (batch,)).astype(np.int32)
+  stats = (np.full(3, 120.0, np.float32), np.full(3, 60.0, np.float32))
+  data = train.shard_batch(mesh, images, labels)
+
+  def timed(config, model, state_model=None, step=None, extra=()):
+    """Seconds per image of `model`'s train step (`step`, taking `extra` batch arguments first)."""
+    config = config.copy_and_resolve_references()
+    config.batch_size = batch
+    tx, schedule = train.create_optimizer(config, 300.0)
+    state = train.create_state(state_model or model, tx, size, bool(config.ema_decay), 0, mesh)
+    program = train.train_program(
+      config, model, tx, schedule, mesh, None, stats, step, 2 + len(extra)
+    )
+    return seconds_per_image(program, state, (*extra, *data), batch)
+
+  children = []
+  for _ in range(_COST_CHILDREN.value):
+    blocks = space.decode([int(rng.integers(n)) for n in space.choices])
+    model = train.create_model(multi.proxy, blocks, 1000)
+    children.append(timed(multi.proxy, model)[0])
+    logging.info('child %d: %.4f s an image', len(children), children[-1])
+  net = supernet.create(single.proxy, space, 1000)
+  tokens = np.zeros((1, len(space.choices)), np.int32)
+  (rows,) = train.shard_batch(mesh, tokens)
+  child = supernet.Child(net, jnp.asarray(tokens[0]))
+  super_train, state = timed(single.proxy, net, child, oneshot.train_step, (rows,))
+  reward = train.data_parallel(
+    functools.partial(oneshot.reward_step, net=net, image_stats=stats), mesh, 4
+  )
+  mask = train.shard_batch(mesh, np.ones(batch, np.float32))
+  super_reward, _ = seconds_per_image(
+    lambda s, *a: (s, reward(s, *a)), state, (rows, *data, *mask), batch
+  )
+  logging.info('supernet: %.4f s an image training, %.4f rewarding', super_train, super_reward)
+
+  train_images = input_pipeline.IMAGENET_SIZES['train'] - multi.data.holdout
+  child_seconds = float(np.mean(children))
+  multi_images = multi.search.num_children * multi.proxy.num_epochs * train_images
+  o = single.oneshot
+  supernet_images = single.proxy.batch_size * (
+    o.warmup_steps + single.search.num_children * o.train_steps_per_child
+  )
+  reward_images = single.search.num_children * o.eval_batches * o.eval_batch_size
+  multi_seconds = multi_images * child_seconds
+  single_seconds = supernet_images * super_train + reward_images * super_reward
+  ratio = single_seconds / multi_seconds
+  return {
+    'cost_batch': batch,
+    'child_seconds_per_image': [round(c, 5) for c in children],
+    'supernet_train_seconds_per_image': round(super_train, 5),
+    'supernet_reward_seconds_per_image': round(super_reward, 5),
+    'multi_trial_images': multi_images,
+    'oneshot_supernet_images': supernet_images,
+    'oneshot_epochs': round(supernet_images / train_images, 1),
+    'oneshot_reward_images': reward_images,
+    'cost_ratio': round(ratio, 5),
+    'paper_tpuv2_hours': PAPER_TPU_HOURS,
+    'oneshot_tpuv2_hours_estimate': round(ratio * PAPER_TPU_HOURS, 1),
+  }
 
 
 def standalone_accuracy(cache_path, config, arch_blocks, data, key):
@@ -72,6 +182,9 @@ def main(argv):
   from mnasnet_jax import reward as reward_lib
   from mnasnet_jax.configs import search as search_config
 
+  if _COST.value:
+    print(json.dumps(imagenet_cost()))
+    return
   workdir = _WORKDIR.value
   os.makedirs(workdir, exist_ok=True)
   config = search_config.get_config('oneshot_local')

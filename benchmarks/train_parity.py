@@ -486,7 +486,24 @@ def report(arch: str, by_side: dict) -> dict:
         f'{100 * max(c["values"]):.2f}] spread {100 * c["spread"]:.2f}'
       )
     print(f'  training seconds per run: {", ".join(f"{t:.0f}" for t in seconds)}')
+  if {'jax', 'torch'} <= out.keys():
+    out['parity'] = parity(out['jax']['curve'], out['torch']['curve'])
+    print(f'{arch} parity: {json.dumps(out["parity"])}')
   return out
+
+
+def parity(ours: dict, reference: dict) -> dict:
+  """The goal of the comparison: at every step both measured, this project's median within the
+  reference's seed spread of the reference's median; at the last, this median at least the
+  reference's."""
+  steps = sorted(set(ours) & set(reference), key=int)
+  gaps = {s: ours[s]['median'] - reference[s]['median'] for s in steps}
+  within = all(abs(gaps[s]) <= reference[s]['spread'] for s in steps)
+  return {
+    'median_gap': {s: round(g, 4) for s, g in gaps.items()},
+    'within_reference_spread': within,
+    'final_at_least_reference': bool(steps) and gaps[steps[-1]] >= 0,
+  }
 
 
 if __name__ == '__main__':

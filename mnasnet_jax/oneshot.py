@@ -30,20 +30,24 @@ import time
 from absl import logging
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import orbax.checkpoint as ocp
 
 from mnasnet_jax import errors
 from mnasnet_jax import input_pipeline
+from mnasnet_jax import memory
 from mnasnet_jax import platform
 from mnasnet_jax import search
 from mnasnet_jax import supernet
 from mnasnet_jax import train
 
 
-def train_step(state, tokens, images, labels, *, net, **kwargs):
-  """train.train_step on the child `tokens` (one row per device, all alike) selects."""
-  return train.train_step(state, images, labels, model=supernet.Child(net, tokens[0]), **kwargs)
+def train_step(state, tokens, images, labels, *, model, **kwargs):
+  """train.train_step of the supernet `model` as the child `tokens` (one row per device, all
+  alike) selects."""
+  return train.train_step(state, images, labels, model=supernet.Child(model, tokens[0]), **kwargs)
 
 
 def reward_step(state, tokens, images, labels, mask, *, net, image_stats):
@@ -104,23 +108,15 @@ class OneShotSearch(search.Search):
     steps_per_epoch = self.data.num_train / self.process_count / self.local_batch
     self.total_steps = o.warmup_steps + self.search.num_children * o.train_steps_per_child
     self.net = supernet.create(proxy, self.space, self.data.num_classes)
-    tx, schedule = train.create_optimizer(proxy, steps_per_epoch)
+    self.tx, self.schedule = train.create_optimizer(proxy, steps_per_epoch)
     image_stats = (self.data.mean, self.data.std)
-    self.train_fn = train.data_parallel(
-      functools.partial(
-        train_step, net=self.net, tx=tx, schedule=schedule, config=proxy, image_stats=image_stats
-      ),
-      self.mesh,
-      3,
-      donate_state=True,
-    )
     self.reward_fn = train.data_parallel(
       functools.partial(reward_step, net=self.net, image_stats=image_stats), self.mesh, 4
     )
     self.make_state = functools.partial(
       train.create_state,
       supernet.Child(self.net, jnp.zeros(len(self.space.choices), jnp.int32)),
-      tx,
+      self.tx,
       self.data.image_size,
       False,
       self.search.train_seed,
@@ -132,6 +128,37 @@ class OneShotSearch(search.Search):
     self.state = None
     self.supernet_step = 0
     self.batches = None
+    self.train_fn = None
+
+  def fit_train_step(self):
+    """The supernet's train step, compiled with the largest micro-batch that fits each device
+    (train.fit_train_step, as a child's proxy training); one that fits none stops the search."""
+    split = NamedSharding(self.mesh, P(platform.BATCH_AXIS))
+    size = self.data.image_size
+    batch = self.config.proxy.batch_size
+    shapes = [
+      jax.ShapeDtypeStruct(shape, dtype, sharding=split)
+      for shape, dtype in (
+        ((self.mesh.size, len(self.space.choices)), jnp.int32),
+        ((batch, size, size, 3), jnp.uint8),
+        ((batch,), jnp.int32),
+      )
+    ]
+    try:
+      fitted = train.fit_train_step(
+        self.config.proxy,
+        self.net,
+        self.tx,
+        self.schedule,
+        self.mesh,
+        train.abstract_state(self.make_state, self.mesh),
+        shapes,
+        (self.data.mean, self.data.std),
+        step=train_step,
+      )
+    except memory.DoesNotFit as e:
+      raise errors.UserError(f'the supernet: {e}') from None
+    return fitted.compiled
 
   # --- the supernet ---------------------------------------------------------------------------
 
@@ -192,6 +219,7 @@ class OneShotSearch(search.Search):
     """Restores the newest checkpoint (or starts afresh), finishes the warm-up, and returns the
     strategy's state and the controller step to run."""
     started = time.perf_counter()
+    self.train_fn = self.train_fn or self.fit_train_step()
     self.state = self.make_state()
     fresh = {
       'controller': jax.device_get(self.strategy.init(self.search.seed)),

@@ -246,6 +246,7 @@ class Supernet(nn.Module):
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
   bn_group_size: int | None = None
+  remat: bool = False  # recompute each layer's activations in the backward pass (memory.py)
 
   @nn.nowrap
   def network(self, blocks=('r1_k3_s11_e1_i8_o8',)) -> models.MnasNet:
@@ -256,6 +257,8 @@ class Supernet(nn.Module):
   @nn.compact
   def __call__(self, images, tokens, train: bool = False):
     net = self.network()
+    # 4: `train`, counting the module itself.
+    super_layer = nn.remat(SuperLayer, static_argnums=(4,)) if self.remat else SuperLayer
     stem = net.stem(self.stem_filters)
     nn.share_scope(self, stem)
     x = stem(images, train)
@@ -264,7 +267,7 @@ class Supernet(nn.Module):
       c = choices(p, jnp.asarray(tokens))
       x = resize(x, p.in_max)
       for j in range(p.max_layers):
-        layer = SuperLayer(
+        layer = super_layer(
           p,
           j == 0,
           net.norm(),

@@ -434,10 +434,14 @@ def evaluate(eval_fn, state, data, batch_size: int, mesh, limit=None) -> dict[st
   }
 
 
-def _steps(config, model, tx, schedule, mesh, micro_batch: int | None = None, image_stats=None):
-  train_fn = data_parallel(
+def train_program(
+  config, model, tx, schedule, mesh, micro_batch=None, image_stats=None, step=None, batch_args=2
+):
+  """The data-parallel `step` (train_step, or one taking its keywords with more batch arguments
+  before the images, as the one-shot search's: `batch_args` in all), the state donated."""
+  return data_parallel(
     functools.partial(
-      train_step,
+      step or train_step,
       model=model,
       tx=tx,
       schedule=schedule,
@@ -446,9 +450,13 @@ def _steps(config, model, tx, schedule, mesh, micro_batch: int | None = None, im
       image_stats=image_stats,
     ),
     mesh,
-    2,
+    batch_args,
     donate_state=True,
   )
+
+
+def _steps(config, model, tx, schedule, mesh, micro_batch: int | None = None, image_stats=None):
+  train_fn = train_program(config, model, tx, schedule, mesh, micro_batch, image_stats)
   eval_fn = data_parallel(
     functools.partial(
       eval_step, model=model, use_ema=bool(config.ema_decay), image_stats=image_stats
@@ -457,6 +465,15 @@ def _steps(config, model, tx, schedule, mesh, micro_batch: int | None = None, im
     3,
   )
   return train_fn, eval_fn
+
+
+def abstract_state(make_state, mesh):
+  """The shapes of `make_state()`'s state, replicated on `mesh`: what programs are lowered for
+  before any state exists."""
+  return jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, P())),
+    jax.eval_shape(make_state),
+  )
 
 
 def micro_batch_options(per_device: int, devices: int, group_size: int | None):
@@ -473,17 +490,28 @@ def micro_batch_options(per_device: int, devices: int, group_size: int | None):
 
 
 def fit_train_step(
-  config, model, tx, schedule, mesh, state_shapes, batch_shapes, image_stats=None
+  config, model, tx, schedule, mesh, state_shapes, batch_shapes, image_stats=None, step=None
 ) -> memory.Fit:
   """The train step compiled for `batch_shapes`, with the largest micro-batch that fits each
   device's memory (`config.device_memory_gib`, else what the device reports; no limit on CPU,
   which reports none); memory.DoesNotFit when none fits. BN groups smaller than
-  `config.bn_group_size` (a micro-batch too small to hold one) are logged as a warning."""
-  per_device = batch_shapes[0].shape[0] // mesh.size
+  `config.bn_group_size` (a micro-batch too small to hold one) are logged as a warning. `step`
+  is train_program's; the images are `batch_shapes[-2]`."""
+  per_device = batch_shapes[-2].shape[0] // mesh.size
 
   def compile_step(micro_batch, remat):
-    step, _ = _steps(config, model.clone(remat=remat), tx, schedule, mesh, micro_batch, image_stats)
-    return step.lower(state_shapes, *batch_shapes).compile()
+    program = train_program(
+      config,
+      model.clone(remat=remat),
+      tx,
+      schedule,
+      mesh,
+      micro_batch,
+      image_stats,
+      step,
+      len(batch_shapes),
+    )
+    return program.lower(state_shapes, *batch_shapes).compile()
 
   budget = memory.budget_bytes(config.device_memory_gib, mesh.local_devices[0])
   fitted = memory.fit(
@@ -540,10 +568,7 @@ def proxy_train(config, arch, data: input_pipeline.Data, seed: int = 0, devices=
   # Every program is lowered from shapes alone, so the state's initialisation (itself a compiled
   # program) and the compiles all run at once.
   make_state = functools.partial(create_state, model, tx, data.image_size, use_ema, seed, mesh)
-  abstract = jax.tree.map(
-    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, P())),
-    jax.eval_shape(make_state),
-  )
+  abstract = abstract_state(make_state, mesh)
   size = (data.image_size, data.image_size, 3)
   split = NamedSharding(mesh, P(AXIS))
   train_shapes, eval_shapes = (

@@ -128,6 +128,19 @@ def search_local(workdir):
   )
 
 
+def oneshot_local(workdir):
+  config = search_config.get_config('oneshot_local')
+  return 'configs/search.py:oneshot_local', flags(
+    {
+      **tpu_forms(config.proxy, 'proxy.'),
+      'search.num_children': 2,
+      'oneshot.warmup_steps': 1,
+      'oneshot.train_steps_per_child': 1,
+      'oneshot.eval_examples': 1000,
+    }
+  )
+
+
 def check_search(workdir, num_children=2):
   records = history.read(os.path.join(workdir, 'history.jsonl'))
   assert sorted(r['trial'] for r in records) == list(range(num_children))
@@ -241,6 +254,7 @@ def check_profile(workdir):
 CASES = {
   'search': (search_imagenet, check_search),
   'search:local': (search_local, check_search),
+  'oneshot:local': (oneshot_local, check_search),
   'train': (train_imagenet, check_train),
   'train:local': (train_local, check_train),
   'export': (export_imagenet, check_export),

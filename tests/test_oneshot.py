@@ -12,6 +12,7 @@ import test_search
 from mnasnet_jax import controller
 from mnasnet_jax import errors
 from mnasnet_jax import history
+from mnasnet_jax import memory
 from mnasnet_jax import oneshot
 from mnasnet_jax import search
 from mnasnet_jax.configs import search as search_config
@@ -139,3 +140,21 @@ def test_resume_after_a_kill_is_an_uninterrupted_run(tmp_path, table, cache, mon
   assert strip(_records(workdir)) == strip(_records(str(tmp_path / 'whole')))
   for a, b in zip(jax.tree.leaves(resumed.state.params), jax.tree.leaves(whole.state.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.slow  # four compiles of the supernet's step
+def test_supernet_step_fits_the_device_memory_or_stops_with_one_line(tmp_path, table, cache):
+  """The supernet's train step goes through memory.fit as a child's does: under a budget below
+  its whole batch's bytes it runs as micro-batches (and trains), under one nothing fits it stops
+  the search with a user's error naming the supernet."""
+  config = tiny_oneshot(table, cache)
+  whole = oneshot.OneShotSearch(config, str(tmp_path / 'whole')).fit_train_step()
+  total, _ = memory.program_bytes(whole)
+  config.proxy.device_memory_gib = 0.9 * total / memory.GIB
+  searcher = oneshot.OneShotSearch(config, str(tmp_path / 'fitted'))
+  searcher.resume()  # the warm-up's two steps, on the fitted step
+  assert searcher.supernet_step == 2
+  assert memory.program_bytes(searcher.train_fn)[0] <= 0.9 * total
+  config.proxy.device_memory_gib = 1e-6
+  with pytest.raises(errors.UserError, match='^the supernet: .* fits no micro-batch'):
+    oneshot.OneShotSearch(config, str(tmp_path / 'none')).fit_train_step()

@@ -83,3 +83,17 @@ def test_project_step_tracks_the_reference_step(benchmark_module):
   for record in history[:2]:
     assert max(record['gaps'].values()) < 1e-4, record['gaps']
   assert any(k.startswith('ema/') for k in history[-1]['gaps'])
+
+
+def test_parity_holds_medians_to_the_reference_spread(benchmark_module):
+  parity = benchmark_module('train_parity')
+  curve = lambda *values: {str(s): parity.spread(list(v)) for s, v in zip((500, 1000), values)}
+  reference = curve((0.40, 0.20, 0.70), (0.80, 0.76, 0.83))  # medians 0.40, 0.80; spreads 0.5, 0.07
+  assert parity.parity(curve((0.22, 0.10, 0.65), (0.81, 0.39, 0.82)), reference) == {
+    'median_gap': {'500': -0.18, '1000': 0.01},
+    'within_reference_spread': True,
+    'final_at_least_reference': True,
+  }
+  behind = parity.parity(curve((0.40, 0.40, 0.40), (0.70, 0.72, 0.71)), reference)
+  assert behind['median_gap']['1000'] == -0.09
+  assert not behind['within_reference_spread'] and not behind['final_at_least_reference']

@@ -133,17 +133,12 @@ class OneShotSearch(search.Search):
   def fit_train_step(self):
     """The supernet's train step, compiled with the largest micro-batch that fits each device
     (train.fit_train_step, as a child's proxy training); one that fits none stops the search."""
-    split = NamedSharding(self.mesh, P(platform.BATCH_AXIS))
-    size = self.data.image_size
-    batch = self.config.proxy.batch_size
-    shapes = [
-      jax.ShapeDtypeStruct(shape, dtype, sharding=split)
-      for shape, dtype in (
-        ((self.mesh.size, len(self.space.choices)), jnp.int32),
-        ((batch, size, size, 3), jnp.uint8),
-        ((batch,), jnp.int32),
-      )
-    ]
+    tokens = jax.ShapeDtypeStruct(
+      (self.mesh.size, len(self.space.choices)),
+      jnp.int32,
+      sharding=NamedSharding(self.mesh, P(platform.BATCH_AXIS)),
+    )
+    batch = train.batch_shapes(self.mesh, self.config.proxy.batch_size, self.data.image_size)
     try:
       fitted = train.fit_train_step(
         self.config.proxy,
@@ -152,7 +147,7 @@ class OneShotSearch(search.Search):
         self.schedule,
         self.mesh,
         train.abstract_state(self.make_state, self.mesh),
-        shapes,
+        [tokens, *batch],
         (self.data.mean, self.data.std),
         step=train_step,
       )

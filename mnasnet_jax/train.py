@@ -476,6 +476,15 @@ def abstract_state(make_state, mesh):
   )
 
 
+def batch_shapes(mesh, batch: int, image_size: int, masked: bool = False):
+  """The shapes of a global batch as the steps take it, split over `mesh`: uint8 images, int32
+  labels and, when `masked`, evaluation's float32 mask of its padding."""
+  parts = [((batch, image_size, image_size, 3), jnp.uint8), ((batch,), jnp.int32)]
+  parts += [((batch,), jnp.float32)] * masked
+  split = NamedSharding(mesh, P(AXIS))
+  return [jax.ShapeDtypeStruct(shape, dtype, sharding=split) for shape, dtype in parts]
+
+
 def micro_batch_options(per_device: int, devices: int, group_size: int | None):
   """(micro_batch, remat) for memory.fit, best first: the device's whole batch, then micro-batches
   holding whole BN groups of the whole batch's, then the same with each MnasLayer rematerialised
@@ -569,21 +578,14 @@ def proxy_train(config, arch, data: input_pipeline.Data, seed: int = 0, devices=
   # program) and the compiles all run at once.
   make_state = functools.partial(create_state, model, tx, data.image_size, use_ema, seed, mesh)
   abstract = abstract_state(make_state, mesh)
-  size = (data.image_size, data.image_size, 3)
-  split = NamedSharding(mesh, P(AXIS))
-  train_shapes, eval_shapes = (
-    [
-      jax.ShapeDtypeStruct((batch,) + s, d, sharding=split)
-      for s, d in ((size, jnp.uint8), ((), jnp.int32), ((), jnp.float32))
-    ]
-    for batch in (local_batch, eval_batch)
-  )
+  train_shapes = batch_shapes(mesh, local_batch, data.image_size)
+  eval_shapes = batch_shapes(mesh, eval_batch, data.image_size, masked=True)
   image_stats = (data.mean, data.std)
   _, eval_fn = _steps(config, model, tx, schedule, mesh, image_stats=image_stats)
   programs = {
     'state': make_state,
     'train': lambda: fit_train_step(
-      config, model, tx, schedule, mesh, abstract, train_shapes[:2], image_stats
+      config, model, tx, schedule, mesh, abstract, train_shapes, image_stats
     ),
     'eval': lambda: eval_fn.lower(abstract, *eval_shapes).compile(),
   }
@@ -678,10 +680,6 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   )
   image_stats = (data.mean, data.std)
   _, eval_fn = _steps(config, model, tx, schedule, mesh, image_stats=image_stats)
-  batch_shapes = [
-    jax.ShapeDtypeStruct((config.batch_size,) + s, d, sharding=NamedSharding(mesh, P(AXIS)))
-    for s, d in (((data.image_size, data.image_size, 3), jnp.uint8), ((), jnp.int32))
-  ]
   train_fn = fit_train_step(
     config,
     model,
@@ -689,7 +687,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     schedule,
     mesh,
     jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state),
-    batch_shapes,
+    batch_shapes(mesh, config.batch_size, data.image_size),
     image_stats,
   ).compiled
 

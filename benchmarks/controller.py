@@ -63,6 +63,23 @@ Not measured for lack of CPU time on the shared machine: entropy weight, baselin
 temperature, other top fractions, lr or epochs alone, PPO at batch 1, PPO at batch 4 with the previous
 defaults. At batch 4 the new defaults do poorly (a top quarter of 4 is one child): `neighbours`
 never [2,432, never], 0.9866 at 5,000; `all_pairs` 2,997 [1,964, never], 0.9909.
+
+PPO at batch 4 (the local search's), 2026-12-05 on a 2-core AMD EPYC VM, one change set at a time
+from the defaults above, `neighbours`, to within 1% and 0.5%, then best / optimum after 1,000 and
+5,000 samples, median:
+- lr 5e-4: 1,117 [767, never]; 4,217; 0.9853, 0.9959.
+- lr 5e-4, top_fraction 0.5: 1,271 [679, 1,518]; 1,743; 0.9818, 0.9958.
+- lr 1.25e-4: 2,206 [1,767, 3,253]; 3,472; 0.9616, 0.9960.
+- top_fraction 1.0 and raw advantages (every child of the batch learnt from, no division by the
+  spread of four rewards), lr 1e-3: 1,576 [642, never]; never; 0.9864, 0.9922. lr 2.5e-4: 964
+  [737, 1,652]; 1,604; 0.9903, 0.9960. **lr 5e-4: 864 [554, 893]; 1,207 [1,042, 1,899], every
+  seed; 0.9938, 0.9960**, against evolution's 674 [373, never] and never (4 of 5 seeds within 1%,
+  2 within 0.5%), 0.9910, 0.9911. On `all_pairs`: 1,164 [633, never] (4 of 5 within 1%); never
+  within 0.5%; 0.9881, 0.9934, against evolution's 4,725 [785, never] (3 of 5); 0.9879, 0.9924.
+  The last are `configs/search.py:local`'s PPO settings. Reproduce with
+  `--batches=4 --config.controller.ppo.learning_rate=5e-4 --config.controller.ppo.top_fraction=1.0
+  --config.controller.ppo.normalize_advantages=False` (the `:local` config itself would also change
+  the space the surrogates are built on).
 The other strategies at every batch: README.md's table.
 """
 

@@ -32,7 +32,7 @@ def search_space_config():
   return space
 
 
-def controller_config():
+def controller_config(local: bool):
   """The search strategy: PPO-trained LSTM controller, or evolution / random (controller.py)."""
   controller = ml_collections.ConfigDict()
   controller.strategy = 'ppo'  # 'ppo' (the paper's), 'reinforce' (TuNAS's), 'evolution', 'random'
@@ -52,6 +52,13 @@ def controller_config():
   # < 1: learn from that top fraction of each batch alone (risk-seeking policy gradient).
   controller.ppo.top_fraction = 0.25
   controller.ppo.temperature = 1.0
+  if local:
+    # Batches of 4 (search.children_per_step): a top quarter is one child and a batch's spread is
+    # noise, so learn from all four with raw advantages, at a quarter of the rate
+    # (benchmarks/controller.py at batch 4: its docstring has the figures).
+    controller.ppo.learning_rate = 5e-4
+    controller.ppo.normalize_advantages = False
+    controller.ppo.top_fraction = 1.0
   # TuNAS's REINFORCE on independent per-decision logits (the one-shot search's default).
   controller.reinforce = ml_collections.ConfigDict()
   controller.reinforce.learning_rate = 0.05  # Adam on the logits; chosen, not tuned
@@ -203,7 +210,7 @@ def multi_trial_config(arg=None):
   config = ml_collections.ConfigDict()
   config.job = 'search'
   config.search_space = search_space_config()
-  config.controller = controller_config()
+  config.controller = controller_config(parsed.local)
   config.reward = reward_config()
   config.search = search_loop_config(arg)
   # The latency lookup table (mnasnet_jax/latency): a shipped table's name or a path; its resolution

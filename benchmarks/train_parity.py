@@ -119,7 +119,8 @@ def run_jax(config, data, seed: int) -> dict:
   tx, schedule = train.create_optimizer(config, per_epoch)
   state = train.create_state(model, tx, data.image_size, bool(config.ema_decay), seed, mesh)
   image_stats = (data.mean, data.std)
-  train_fn, eval_fn = train._steps(config, model, tx, schedule, mesh, image_stats=image_stats)
+  train_fn = train.train_program(config, model, tx, schedule, mesh, image_stats=image_stats)
+  eval_fn = train.eval_program(config, model, mesh, image_stats)
   batches = data.train_batches(config.batch_size, seed)
   curve, train_seconds, start = {}, 0.0, time.perf_counter()
   points = set(eval_points(config, total))
@@ -363,7 +364,9 @@ def lockstep(config, data, steps: int, native: bool = False) -> list[dict]:
   tx, schedule = train.create_optimizer(config, reference.per_epoch)
   initial = flax.traverse_util.flatten_dict(flax_variables(reference.model, model, data.image_size))
   state = train.create_state(model, tx, data.image_size, bool(config.ema_decay), 0, mesh, initial)
-  train_fn, _ = train._steps(config, model, tx, schedule, mesh, image_stats=(data.mean, data.std))
+  train_fn = train.train_program(
+    config, model, tx, schedule, mesh, image_stats=(data.mean, data.std)
+  )
   batches = data.train_batches(config.batch_size, 0)
   history = []
   for step in range(steps):

@@ -455,16 +455,15 @@ def train_program(
   )
 
 
-def _steps(config, model, tx, schedule, mesh, micro_batch: int | None = None, image_stats=None):
-  train_fn = train_program(config, model, tx, schedule, mesh, micro_batch, image_stats)
-  eval_fn = data_parallel(
+def eval_program(config, model, mesh, image_stats=None):
+  """The data-parallel eval_step (on the EMA weights when `config` keeps them)."""
+  return data_parallel(
     functools.partial(
       eval_step, model=model, use_ema=bool(config.ema_decay), image_stats=image_stats
     ),
     mesh,
     3,
   )
-  return train_fn, eval_fn
 
 
 def abstract_state(make_state, mesh):
@@ -581,7 +580,7 @@ def proxy_train(config, arch, data: input_pipeline.Data, seed: int = 0, devices=
   train_shapes = batch_shapes(mesh, local_batch, data.image_size)
   eval_shapes = batch_shapes(mesh, eval_batch, data.image_size, masked=True)
   image_stats = (data.mean, data.std)
-  _, eval_fn = _steps(config, model, tx, schedule, mesh, image_stats=image_stats)
+  eval_fn = eval_program(config, model, mesh, image_stats)
   programs = {
     'state': make_state,
     'train': lambda: fit_train_step(
@@ -679,7 +678,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     model, tx, data.image_size, bool(config.ema_decay), config.seed, mesh, initial
   )
   image_stats = (data.mean, data.std)
-  _, eval_fn = _steps(config, model, tx, schedule, mesh, image_stats=image_stats)
+  eval_fn = eval_program(config, model, mesh, image_stats)
   train_fn = fit_train_step(
     config,
     model,

@@ -66,7 +66,7 @@ def test_shard_map_equals_pmap_and_one_device():
   initial = _setup(config, devices)[4]
   for name, devs in (('mesh8', devices), ('mesh1', devices[:1])):
     mesh, model, tx, schedule, state = _setup(config, devs, initial)
-    train_fn, _ = train._steps(config, model, tx, schedule, mesh)
+    train_fn = train.train_program(config, model, tx, schedule, mesh)
     state = train.replicate(state, mesh)
     for images, labels in batches:
       state, metrics = train_fn(state, *train.shard_batch(mesh, images, labels))

@@ -319,6 +319,36 @@ def test_journal_ignores_a_torn_last_line_only(tmp_path):
     profiler.read_journal(str(path))
 
 
+@pytest.mark.parametrize(
+  'cpuinfo, expected',
+  [
+    (
+      'processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n'
+      'model name\t: AMD EPYC\nstepping\t: 1\nflags\t\t: fpu avx2 avx512f avx512_vnni\n\n'
+      'processor\t: 1\ncpu family\t: 25\nflags\t\t: fpu\n',
+      {
+        'model name': 'AMD EPYC',
+        'cpu family': '26',
+        'model': '2',
+        'stepping': '1',
+        'isa': ['avx2', 'avx512f', 'avx512_vnni'],
+      },
+    ),
+    (
+      'processor\t: 0\nBogoMIPS\t: 48.00\nFeatures\t: fp asimd asimddp i8mm\n'
+      'CPU implementer\t: 0x41\nCPU part\t: 0xd4f\n',
+      {'CPU implementer': '0x41', 'CPU part': '0xd4f', 'isa': ['asimddp', 'i8mm']},
+    ),
+  ],
+)
+def test_a_table_records_its_cpu_generation_and_simd_extensions(tmp_path, cpuinfo, expected):
+  # The first processor's, whatever the others say; 'model name' alone does not tell Zen 4 from 5.
+  path = tmp_path / 'cpuinfo'
+  path.write_text(cpuinfo)
+  assert profiler.cpu_identity(str(path)) == expected
+  assert profiler.cpu_identity(str(tmp_path / 'absent')) == {}
+
+
 def test_adb_backend_pushes_pins_and_parses(fake_adb):
   log, phone = fake_adb
   backend = profiler.AdbBackend(

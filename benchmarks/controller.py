@@ -53,19 +53,37 @@ PPO at batch 64 on `neighbours`, one change at a time from the previous defaults
 - advantages normalised and only each batch's top quarter learnt from (top_fraction 0.25, the
   risk-seeking policy gradient): 1,298 [1,049, 1,546]; 1,624 (2 never); 0.9828, 0.9958, 0.9995.
   A search keeps its best child, not its mean one; learning from the best quarter chases the
-  maximum. These are the new defaults (configs/search.py).
+  maximum. These were the defaults of 2026-12-02.
 - regularised evolution at batch 64, for comparison: 1,534 [1,287, never] (1 never); 0.5%: never
   (2 of 5 within); 0.9825, 0.9908, 0.9915.
-On `all_pairs` at batch 64 (reference 0.84197): PPO with the new defaults 1,503 [1,280, 1,618],
+On `all_pairs` at batch 64 (reference 0.84197): PPO with those defaults 1,503 [1,280, 1,618],
 every seed within 1%; 0.9812, 0.9931, 0.9941. Evolution 1,385 [919, never] (2 of 5 never); 0.9793,
 0.9929, 0.9933. The previous PPO defaults were not run on it.
-Not measured for lack of CPU time on the shared machine: entropy weight, baseline decay,
-temperature, other top fractions, lr or epochs alone, PPO at batch 1, PPO at batch 4 with the previous
-defaults. At batch 4 the new defaults do poorly (a top quarter of 4 is one child): `neighbours`
-never [2,432, never], 0.9866 at 5,000; `all_pairs` 2,997 [1,964, never], 0.9909.
+At batch 4 those defaults do poorly (a top quarter of 4 is one child): `neighbours` never [2,432,
+never], 0.9866 at 5,000; `all_pairs` 2,997 [1,964, never], 0.9909.
+
+PPO at batch 64 again, 2026-12-05 on a quiet 2-core AMD EPYC VM, 10 seeds, one change set at a time
+from the 2026-12-02 defaults; samples to within 1% (median, seeds never within), to 0.5%, on
+`neighbours` then `all_pairs` (0.5% on `all_pairs`: never for every variant):
+- the 2026-12-02 defaults: 1,284 (0), 1,744 (4 never); 1,487 (0).
+- top_fraction 0.125 (5 seeds): 1,014, 1,640; 3,130 (1 of 5 never). 0.375 (5 seeds): 1,316; 1,605.
+- entropy weight 1e-3 (5 seeds): 1,157, 1,477; 1,555 (1 of 5). 0 (5 seeds): 1,298; 1,503.
+- lr 1.5e-3 (5 seeds): 1,391; 2,004 (1 of 5). lr 2.5e-3 (5 seeds): 1,280; 1,466 (1 of 5). lr 3e-3:
+  1,072 (0), 1,623 (3); 1,398 (1). lr 4e-3 (5 seeds): 1,151; 1,274.
+- 3 epochs: 1,034 (0), 1,376 (1); 1,459 (2). lr 3e-3 and 3 epochs: 1,000 (0), 1,506 (1); 1,242 (2).
+  lr 2.5e-3 and 3 epochs: 1,044 (0), 1,386 (2); 1,254 (3). lr 3e-3, 3 epochs, minibatches of 64
+  (5 seeds): 1,110; never.
+- **lr 3e-3, 3 epochs, entropy 1e-3: 964 (0), 1,269 (0); 1,254 (1)**; with entropy 3e-3: 1,042 (0),
+  1,204 (2); 1,322 (0); with lr 4e-3: 930 (1), 1,520 (3); 1,123 (1).
+- regularised evolution: 1,450 (2), 2,851 (4); 1,408 (3).
+The bold row is the default now (configs/search.py). Faster updates alone (more epochs, a larger lr)
+collapse the policy on some seeds of `all_pairs`; the larger entropy bonus keeps them from it. On 20
+seeds (10-19 not used in choosing): `neighbours` 1,016 (0 never) against evolution's 1,520 (5);
+`all_pairs` 1,176 (1) against 1,556 (9); seeds 10-19 alone 1,088 and 1,127 (0 never each) against
+2,669 (3) and never (6). The 2026-12-02 defaults: 1,223 and 1,531 (0 never) on those 20 seeds.
 
 PPO at batch 4 (the local search's), 2026-12-05 on a 2-core AMD EPYC VM, one change set at a time
-from the defaults above, `neighbours`, to within 1% and 0.5%, then best / optimum after 1,000 and
+from the 2026-12-02 defaults, `neighbours`, to within 1% and 0.5%, then best / optimum after 1,000 and
 5,000 samples, median:
 - lr 5e-4: 1,117 [767, never]; 4,217; 0.9853, 0.9959.
 - lr 5e-4, top_fraction 0.5: 1,271 [679, 1,518]; 1,743; 0.9818, 0.9958.
@@ -76,7 +94,11 @@ from the defaults above, `neighbours`, to within 1% and 0.5%, then best / optimu
   seed; 0.9938, 0.9960**, against evolution's 674 [373, never] and never (4 of 5 seeds within 1%,
   2 within 0.5%), 0.9910, 0.9911. On `all_pairs`: 1,164 [633, never] (4 of 5 within 1%); never
   within 0.5%; 0.9881, 0.9934, against evolution's 4,725 [785, never] (3 of 5); 0.9879, 0.9924.
-  The last are `configs/search.py:local`'s PPO settings. Reproduce with
+  The last are `configs/search.py:local`'s PPO settings; with the batch-64 defaults' 3 epochs and
+  entropy 1e-3, which `:local` inherits, over 10 seeds: `neighbours` 837 (0 never) against 851 with
+  2 epochs and entropy 1e-4; `all_pairs` 833 (1 never) against 1,272 (3); evolution 1,458 (4) and
+  3,443 (4). At batch 1 with them (5 seeds): 785 [283, 938] and 831 [636, 891], every seed, against
+  evolution's 643 (1 never) and 599. Reproduce with
   `--batches=4 --config.controller.ppo.learning_rate=5e-4 --config.controller.ppo.top_fraction=1.0
   --config.controller.ppo.normalize_advantages=False` (the `:local` config itself would also change
   the space the surrogates are built on).

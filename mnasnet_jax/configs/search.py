@@ -41,12 +41,12 @@ def controller_config(local: bool):
   controller.ppo.hidden_size = 100
   controller.ppo.init_range = 0.1  # uniform(-0.1, 0.1) LSTM and embedding weights; heads start at 0
   # Set from benchmarks/controller.py at batches of 64 children: its docstring has the figures.
-  controller.ppo.learning_rate = 2e-3
+  controller.ppo.learning_rate = 3e-3
   controller.ppo.max_grad_norm = 1.0
   controller.ppo.clip_epsilon = 0.2
-  controller.ppo.epochs = 2  # passes over each batch of children
+  controller.ppo.epochs = 3  # passes over each batch of children
   controller.ppo.minibatch_size = 32
-  controller.ppo.entropy_weight = 1e-4
+  controller.ppo.entropy_weight = 1e-3  # keeps the faster updates from collapsing the policy
   controller.ppo.baseline_decay = 0.9
   controller.ppo.normalize_advantages = True  # divide advantages by the batch's reward std
   # < 1: learn from that top fraction of each batch alone (risk-seeking policy gradient).
@@ -54,8 +54,8 @@ def controller_config(local: bool):
   controller.ppo.temperature = 1.0
   if local:
     # Batches of 4 (search.children_per_step): a top quarter is one child and a batch's spread is
-    # noise, so learn from all four with raw advantages, at a quarter of the rate
-    # (benchmarks/controller.py at batch 4: its docstring has the figures).
+    # noise, so learn from all four with raw advantages, at a smaller rate (benchmarks/controller.py
+    # at batch 4: its docstring has the figures).
     controller.ppo.learning_rate = 5e-4
     controller.ppo.normalize_advantages = False
     controller.ppo.top_fraction = 1.0

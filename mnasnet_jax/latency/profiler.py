@@ -123,10 +123,9 @@ class LiteRTBackend:
 
   def device(self) -> dict:
     identity = cpu_identity()
+    name = identity.pop('model name', '') or host_platform.processor() or host_platform.machine()
     return {
-      'name': identity.pop('model name', '')
-      or host_platform.processor()
-      or host_platform.machine(),
+      'name': name,
       'machine': host_platform.machine(),
       'system': host_platform.platform(),
       'cpu_count': os.cpu_count(),

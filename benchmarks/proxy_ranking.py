@@ -1,7 +1,7 @@
 """Does the local proxy rank children as full training does? Kendall tau and Spearman on real runs.
 
     python benchmarks/proxy_ranking.py --workdir=/tmp/proxy_ranking [--num_archs=12]
-        [--variants=local,steps300] [--phases=proxy,full] [--config.proxy.X=Y]
+        [--variants=local,steps300] [--proxy_seeds=1] [--phases=proxy,full] [--config.proxy.X=Y]
 
 A search is only as good as the agreement between a child's proxy accuracy (what the controller
 is told) and the accuracy it reaches when trained in full (what the user gets). This measures it on
@@ -9,7 +9,9 @@ the local task: `--num_archs` architectures of configs/search.py:local's space, 
 table's latencies of uniform samples, taken at evenly spaced quantiles), each
 
 - scored by the local proxy (`train.proxy_train` with the search config's proxy section, on the
-  search split: the proxy-training part, evaluated on the held-out part), once per proxy variant;
+  search split: the proxy-training part, evaluated on the held-out part), once per proxy variant
+  and seed (`--proxy_seeds`: a proxy's accuracy is as much its seed's as its architecture's, so
+  averaging seeds shows how much of the disagreement is that noise);
 - trained with configs/train.py:local (`train.train_and_evaluate`: all of Fashion-MNIST train,
   evaluated on its 10,000 test images), in WORKDIR/full/N, so an interrupted training resumes from
   its checkpoint.
@@ -57,6 +59,9 @@ _NUM_ARCHS = flags.DEFINE_integer('num_archs', 12, 'Architectures measured, spre
 _ARCH_SEED = flags.DEFINE_integer('arch_seed', 0, 'Seed of the uniform samples they come from.')
 _VARIANTS = flags.DEFINE_list('variants', ['local'], 'Proxy variants to score (VARIANTS).')
 _PHASES = flags.DEFINE_list('phases', ['proxy', 'full'], 'proxy, full or both, in that order.')
+_PROXY_SEEDS = flags.DEFINE_integer(
+  'proxy_seeds', 1, 'Proxy trainings per architecture and variant; their accuracies are averaged.'
+)
 _FULL_STEPS = flags.DEFINE_integer(
   'full_steps', 0, "Steps of each full training; 0: configs/train.py:local's own (10 epochs)."
 )
@@ -65,6 +70,7 @@ _FULL_STEPS = flags.DEFINE_integer(
 VARIANTS = {
   'local': {},
   'steps300': {'num_steps': 300},
+  'lr0.008': {'base_learning_rate': 0.008},
   'lr0.032': {'base_learning_rate': 0.032},
   'no_bn_reestimation': {'bn_recalibration_batches': 0},
   'eval10000': {'eval_examples': 10_000},
@@ -105,11 +111,16 @@ def summarise(results: list[dict], target_ms: float, reward_config) -> dict:
   full = {r['index']: r for r in results if r['phase'] == 'full'}
   out = {}
   for name in sorted({r['variant'] for r in results if r['phase'] == 'proxy'}):
-    proxy = {r['index']: r for r in results if r['phase'] == 'proxy' and r['variant'] == name}
+    runs = [r for r in results if r['phase'] == 'proxy' and r['variant'] == name]
+    proxy = {
+      i: {'accuracy': float(np.mean([r['accuracy'] for r in runs if r['index'] == i]))}
+      for i in {r['index'] for r in runs}
+    }
     both = sorted(set(proxy) & set(full))
     entry = {
       'proxies': len(proxy),
-      'proxy_seconds_each': float(np.mean([r['seconds'] for r in proxy.values()])),
+      'proxy_seeds': len(runs) / len(proxy),
+      'proxy_seconds_each': float(np.mean([r['seconds'] for r in runs])),
     }
     if len(both) >= 3:
       latency = np.array([full[i]['latency_ms'] for i in both])
@@ -140,7 +151,10 @@ def main(argv):
   target_ms = search_lib.target_latency(config.reward, table)
   tokens, latencies = spread_in_latency(space, table, _NUM_ARCHS.value, _ARCH_SEED.value)
   archs = [space.decode(t) for t in tokens]
-  done = {(r['phase'], r['variant'], r['index']) for r in read_results(path)}
+  # A proxy's seed is its architecture's index, plus 1000 for each further seed.
+  done = {
+    (r['phase'], r['variant'], r['index'], r.get('seed', r['index'])) for r in read_results(path)
+  }
 
   def record(entry):
     with open(path, 'a') as f:
@@ -156,24 +170,26 @@ def main(argv):
       proxy = config.proxy.copy_and_resolve_references()
       proxy.update(VARIANTS[name])
       for i, blocks in enumerate(archs):
-        if ('proxy', name, i) in done:
-          continue
-        started = time.time()
-        arch = models.Architecture(tuple(blocks), stem_filters=space.stem_filters)
-        result = train.proxy_train(proxy, arch, data, seed=i)
-        record(
-          dict(
-            base(i),
-            phase='proxy',
-            variant=name,
-            accuracy=float(result['accuracy']),
-            seconds=time.time() - started,
-            compile_seconds=float(result['compile_seconds']),
+        for seed in range(i, i + 1000 * _PROXY_SEEDS.value, 1000):
+          if ('proxy', name, i, seed) in done:
+            continue
+          started = time.time()
+          arch = models.Architecture(tuple(blocks), stem_filters=space.stem_filters)
+          result = train.proxy_train(proxy, arch, data, seed=seed)
+          record(
+            dict(
+              base(i),
+              phase='proxy',
+              variant=name,
+              seed=seed,
+              accuracy=float(result['accuracy']),
+              seconds=time.time() - started,
+              compile_seconds=float(result['compile_seconds']),
+            )
           )
-        )
   if 'full' in _PHASES.value:
     for i, blocks in enumerate(archs):
-      if ('full', 'train_local', i) in done:
+      if ('full', 'train_local', i, i) in done:
         continue
       train_config = train_configs.get_config('local')
       train_config.arch = ','.join(blocks)
@@ -202,7 +218,8 @@ def main(argv):
       if what in entry
     )
     print(
-      f'proxy {name}: {entry["proxies"]} scored, {entry["proxy_seconds_each"]:.0f} s each{figures}'
+      f'proxy {name}: {entry["proxies"]} scored ({entry["proxy_seeds"]:g} seeds each), '
+      f'{entry["proxy_seconds_each"]:.0f} s each{figures}'
     )
   full_seconds = float(np.mean([r['seconds'] for r in full])) if full else None
   print(

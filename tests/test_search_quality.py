@@ -66,3 +66,22 @@ def test_proxy_ranking_statistics_and_spread(benchmark_module):
     space, np.random.default_rng(0).integers(0, space.choices, (2000, len(space.choices)))
   )
   assert latency[0] < np.quantile(pool, 0.1) and latency[-1] > np.quantile(pool, 0.9)
+
+
+def test_proxy_ranking_averages_each_architectures_seeds(benchmark_module):
+  ranking = benchmark_module('proxy_ranking')
+  config = search_config.get_config('local')
+
+  def result(phase, index, accuracy, seed=None):
+    entry = {'phase': phase, 'index': index, 'accuracy': accuracy, 'latency_ms': 0.3, 'seconds': 1}
+    entry['variant'] = 'local' if phase == 'proxy' else 'train_local'
+    return entry if seed is None else {**entry, 'seed': seed}
+
+  full = [result('full', i, a) for i, a in enumerate([0.1, 0.2, 0.3])]
+  # First seeds rank the three backwards; the second seeds' means put them in order.
+  first = [result('proxy', i, a) for i, a in enumerate([0.3, 0.2, 0.1])]
+  second = [result('proxy', i, a, 1000 + i) for i, a in enumerate([0.0, 0.3, 0.6])]
+  one = ranking.summarise(full + first, 0.3, config.reward)['local']
+  two = ranking.summarise(full + first + second, 0.3, config.reward)['local']
+  assert one['accuracy']['kendall_tau'] == -1.0 and one['proxy_seeds'] == 1
+  assert two['accuracy']['kendall_tau'] == 1.0 and two['proxy_seeds'] == 2

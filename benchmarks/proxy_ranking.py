@@ -100,6 +100,17 @@ def rank_agreement(x, y) -> dict:
   }
 
 
+def proxy_seeds(index: int, count: int) -> range:
+  """The seeds of an architecture's `count` proxies: its index, plus 1000 for each further one."""
+  return range(index, index + 1000 * count, 1000)
+
+
+def run_key(entry: dict) -> tuple:
+  """What identifies a result for resuming; a result without a seed (a full training, or a proxy
+  recorded before seeds were) ran with its architecture's index."""
+  return entry['phase'], entry['variant'], entry['index'], entry.get('seed', entry['index'])
+
+
 def read_results(path: str) -> list[dict]:
   if not os.path.exists(path):
     return []
@@ -151,10 +162,7 @@ def main(argv):
   target_ms = search_lib.target_latency(config.reward, table)
   tokens, latencies = spread_in_latency(space, table, _NUM_ARCHS.value, _ARCH_SEED.value)
   archs = [space.decode(t) for t in tokens]
-  # A proxy's seed is its architecture's index, plus 1000 for each further seed.
-  done = {
-    (r['phase'], r['variant'], r['index'], r.get('seed', r['index'])) for r in read_results(path)
-  }
+  done = {run_key(r) for r in read_results(path)}
 
   def record(entry):
     with open(path, 'a') as f:
@@ -170,8 +178,8 @@ def main(argv):
       proxy = config.proxy.copy_and_resolve_references()
       proxy.update(VARIANTS[name])
       for i, blocks in enumerate(archs):
-        for seed in range(i, i + 1000 * _PROXY_SEEDS.value, 1000):
-          if ('proxy', name, i, seed) in done:
+        for seed in proxy_seeds(i, _PROXY_SEEDS.value):
+          if run_key({'phase': 'proxy', 'variant': name, 'index': i, 'seed': seed}) in done:
             continue
           started = time.time()
           arch = models.Architecture(tuple(blocks), stem_filters=space.stem_filters)
@@ -189,7 +197,7 @@ def main(argv):
           )
   if 'full' in _PHASES.value:
     for i, blocks in enumerate(archs):
-      if ('full', 'train_local', i, i) in done:
+      if run_key({'phase': 'full', 'variant': 'train_local', 'index': i}) in done:
         continue
       train_config = train_configs.get_config('local')
       train_config.arch = ','.join(blocks)

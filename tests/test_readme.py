@@ -96,10 +96,11 @@ SMALL = {
     '--surrogates=neighbours',
     '--uniform_draws=100000',
   ],
-  # One architecture, two steps of proxy (two seeds) and of full training.
+  # One architecture, two steps of proxy and of full training, two seeds of each.
   'benchmarks/proxy_ranking.py': [
     '--num_archs=1',
     '--proxy_seeds=2',
+    '--full_seeds=2',
     '--full_steps=2',
     '--config.proxy.num_steps=2',
     '--config.proxy.eval_examples=100',

@@ -85,3 +85,13 @@ def test_proxy_ranking_averages_each_architectures_seeds(benchmark_module):
   two = ranking.summarise(full + first + second, 0.3, config.reward)['local']
   assert one['accuracy']['kendall_tau'] == -1.0 and one['proxy_seeds'] == 1
   assert two['accuracy']['kendall_tau'] == 1.0 and two['proxy_seeds'] == 2
+  # Full trainings average their seeds too, and against each other they are the ceiling.
+  assert two['against_itself']['kendall_tau'] == -1.0 and one['against_itself'] is None
+  assert ranking.against_itself(full + first + second, 'full', 'train_local') is None
+  again = [result('full', i, a, 1000) for i, a in enumerate([0.5, 0.0, 0.1])]
+  ceiling = ranking.against_itself(full + again, 'full', 'train_local')
+  np.testing.assert_allclose(ceiling['kendall_tau'], -1 / 3)
+  # Proxies in the order of the full means (0.3, 0.1, 0.2), not of the first full seed's.
+  proxies = [result('proxy', i, a) for i, a in enumerate([0.9, 0.1, 0.5])]
+  averaged = ranking.summarise(full + again + proxies, 0.3, config.reward)['local']
+  assert averaged['accuracy']['kendall_tau'] == 1.0

@@ -141,20 +141,25 @@ def read_results(path: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def by_seed(results: list[dict], phase: str) -> dict:
-  """{index: {seed: result}} of one phase."""
+def by_seed(results: list[dict], phase: str, variant: str) -> dict:
+  """{index: {seed: result}} of one phase and variant."""
   out = {}
   for r in results:
-    if r['phase'] == phase:
+    if r['phase'] == phase and r['variant'] == variant:
       out.setdefault(r['index'], {})[run_key(r)[3]] = r
   return out
+
+
+def mean_accuracy(runs: dict) -> dict:
+  """{index: its seeds' mean accuracy} of `by_seed`'s {index: {seed: result}}."""
+  return {i: float(np.mean([r['accuracy'] for r in s.values()])) for i, s in runs.items()}
 
 
 def against_itself(results: list[dict], phase: str, variant: str) -> dict | None:
   """A phase's first seed against its second, over the architectures that have both (None under
   three): for full training the most any proxy can reach, for a proxy how much of its ranking is
   the architectures' and not the seeds'."""
-  runs = by_seed([r for r in results if r['variant'] == variant], phase)
+  runs = by_seed(results, phase, variant)
   pairs = {i: seeds(first_seed(phase, i), 2) for i in runs}
   both = sorted(i for i, s in runs.items() if all(k in s for k in pairs[i]))
   if len(both) < 3:
@@ -163,31 +168,24 @@ def against_itself(results: list[dict], phase: str, variant: str) -> dict | None
 
 
 def summarise(results: list[dict], target_ms: float, reward_config) -> dict:
-  full = {
-    i: {
-      'accuracy': float(np.mean([r['accuracy'] for r in s.values()])),
-      'latency_ms': next(iter(s.values()))['latency_ms'],
-    }
-    for i, s in by_seed(results, 'full').items()
-  }
+  full = mean_accuracy(by_seed(results, 'full', 'train_local'))
+  latency_ms = {r['index']: r['latency_ms'] for r in results}
   out = {}
   for name in sorted({r['variant'] for r in results if r['phase'] == 'proxy'}):
-    runs = [r for r in results if r['phase'] == 'proxy' and r['variant'] == name]
-    proxy = {
-      i: {'accuracy': float(np.mean([r['accuracy'] for r in runs if r['index'] == i]))}
-      for i in {r['index'] for r in runs}
-    }
+    runs = by_seed(results, 'proxy', name)
+    proxy = mean_accuracy(runs)
     both = sorted(set(proxy) & set(full))
+    seconds = [r['seconds'] for s in runs.values() for r in s.values()]
     entry = {
       'proxies': len(proxy),
-      'proxy_seeds': len(runs) / len(proxy),
-      'proxy_seconds_each': float(np.mean([r['seconds'] for r in runs])),
+      'proxy_seeds': len(seconds) / len(proxy),
+      'proxy_seconds_each': float(np.mean(seconds)),
       'against_itself': against_itself(results, 'proxy', name),
     }
     if len(both) >= 3:
-      latency = np.array([full[i]['latency_ms'] for i in both])
-      acc_proxy = np.array([proxy[i]['accuracy'] for i in both])
-      acc_full = np.array([full[i]['accuracy'] for i in both])
+      latency = np.array([latency_ms[i] for i in both])
+      acc_proxy = np.array([proxy[i] for i in both])
+      acc_full = np.array([full[i] for i in both])
       rewards = [
         np.asarray(reward.compute(reward_config, a, latency, target_ms), np.float64)
         for a in (acc_proxy, acc_full)
@@ -257,8 +255,8 @@ def main(argv):
         if _FULL_STEPS.value:
           train_config.num_steps = _FULL_STEPS.value
         started = time.time()
-        name = str(i) if seed == first_seed('full', i) else f'{i}_seed{seed}'
-        result = train.train_and_evaluate(train_config, os.path.join(_WORKDIR.value, 'full', name))
+        run = str(i) if seed == first_seed('full', i) else f'{i}_seed{seed}'
+        result = train.train_and_evaluate(train_config, os.path.join(_WORKDIR.value, 'full', run))
         record(
           dict(
             base(i),

@@ -143,7 +143,8 @@ def data_and_proxy_config(arg=None):
     # warm-up), to 5% of its peak at step 100: the decay period is one step, in epochs of the
     # search split's proxy-training images (Fashion-MNIST's 60,000 less those held out). Ending at
     # the peak instead (the recipe's warm-up and decay every 390 steps), a child's score was as
-    # much its seed's as its architecture's (benchmarks/proxy_ranking.py's docstring).
+    # much its seed's as its architecture's (benchmarks/proxy_ranking.py's docstring). Another
+    # --config.proxy.batch_size needs its own --config.proxy.lr_decay_epochs.
     proxy.warmup_epochs = 0.0
     proxy.lr_decay_rate = 0.97
     proxy.lr_decay_epochs = proxy.batch_size / (60_000 - data.holdout)

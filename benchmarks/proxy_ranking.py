@@ -1,8 +1,8 @@
 """Does the local proxy rank children as full training does? Kendall tau and Spearman on real runs.
 
     python benchmarks/proxy_ranking.py --workdir=/tmp/proxy_ranking [--num_archs=12]
-        [--variants=local,ends_at_peak] [--proxy_seeds=1] [--full_seeds=1] [--phases=proxy,full]
-        [--config.proxy.X=Y]
+        [--variants=local,ends_at_peak] [--proxy_seeds=1] [--full_variants=train_local]
+        [--full_seeds=1] [--phases=proxy,full] [--config.proxy.X=Y]
 
 A search is only as good as the agreement between a child's proxy accuracy (what the controller
 is told) and the accuracy it reaches when trained in full (what the user gets). This measures it on
@@ -14,10 +14,11 @@ table's latencies of uniform samples, taken at evenly spaced quantiles), each
   and seed (`--proxy_seeds`: averaging seeds shows how much of the disagreement is seed noise, and
   a proxy's first seed against its second how much of its ranking is the architectures');
 - trained with configs/train.py:local (`train.train_and_evaluate`: all of Fashion-MNIST train,
-  evaluated on its 10,000 test images), in WORKDIR/full/N (further seeds in WORKDIR/full/N_seedS), so
-  an interrupted training resumes from its checkpoint; with `--full_seeds=2` or more, a full
-  accuracy is the mean of its seeds, and the full trainings' agreement with themselves (first seed
-  against second) is the most any proxy can reach.
+  evaluated on its 10,000 test images), in WORKDIR/full/N (further seeds in WORKDIR/full/N_seedS,
+  other FULL_VARIANTS in WORKDIR/full/VARIANT_N...), so an interrupted training resumes from its
+  checkpoint; with `--full_seeds=2` or more, a full accuracy is the mean of its seeds, and the full
+  trainings' agreement with themselves (first seed against second) is the most any proxy can
+  reach.
 
 Every result is appended to WORKDIR/results.jsonl the moment it exists, and a rerun skips what is
 there, so the measurement resumes where it stopped (runs with another --num_archs or --arch_seed need
@@ -25,7 +26,8 @@ another workdir). Whatever is complete is summarised at the end of every run: fo
 variant, Kendall tau and Spearman between proxy and full accuracy and between proxy and full
 reward (both rewards with the table's latency and the search's T), over the architectures that have
 both, and the proxy against itself; then full training against itself and what the full
-measurement costs here and on ImageNet. The last line printed is one JSON object.
+measurement costs here and on ImageNet; all of it against each full-training variant recorded. The
+last line printed is one JSON object.
 
 The variants (VARIANTS, overrides of the proxy section) are the changes to measure within the local
 search's time budget: proxy steps, learning rate, BN re-estimation, held-out images scored.
@@ -74,17 +76,28 @@ _PROXY_SEEDS = flags.DEFINE_integer(
 _FULL_SEEDS = flags.DEFINE_integer(
   'full_seeds', 1, 'Full trainings per architecture; their accuracies are averaged.'
 )
+_FULL_VARIANTS = flags.DEFINE_list(
+  'full_variants', ['train_local'], 'Full-training variants to run (FULL_VARIANTS).'
+)
 _FULL_STEPS = flags.DEFINE_integer(
   'full_steps', 0, "Steps of each full training; 0: configs/train.py:local's own (10 epochs)."
 )
 
+# Until 2026-12-06 the local recipe's classifier started at the official range for its 10 classes.
+OFFICIAL_INIT = {'classifier_init_range': None}
 # The local proxy until 2026-12-06: the recipe's 0.1-epoch warm-up and decay every 0.5 epochs, so
 # its 100 steps ended at the peak rate, 0.016 per 256 images.
-ENDS_AT_PEAK = {'warmup_epochs': 0.1, 'lr_decay_epochs': 0.5, 'base_learning_rate': 0.016}
+ENDS_AT_PEAK = {
+  **OFFICIAL_INIT,
+  'warmup_epochs': 0.1,
+  'lr_decay_epochs': 0.5,
+  'base_learning_rate': 0.016,
+}
 # Overrides of config.proxy; 'local' is the search's proxy as configured.
 VARIANTS = {
   'local': {},
-  'lr0.016': {'base_learning_rate': 0.016},
+  'official_init': OFFICIAL_INIT,
+  'official_init_lr0.016': {**OFFICIAL_INIT, 'base_learning_rate': 0.016},
   'ends_at_peak': ENDS_AT_PEAK,
   'ends_at_peak_steps300': {**ENDS_AT_PEAK, 'num_steps': 300},
   'ends_at_peak_lr0.008': {**ENDS_AT_PEAK, 'base_learning_rate': 0.008},
@@ -92,6 +105,8 @@ VARIANTS = {
   'ends_at_peak_no_bn_reestimation': {**ENDS_AT_PEAK, 'bn_recalibration_batches': 0},
   'ends_at_peak_eval10000': {**ENDS_AT_PEAK, 'eval_examples': 10_000},
 }
+# Overrides of configs/train.py:local; 'train_local' is it as configured.
+FULL_VARIANTS = {'train_local': {}, 'train_local_official_init': OFFICIAL_INIT}
 # The paper's search: about 8,000 children of 5 ImageNet epochs in 4.5 days on 64 TPUv2 (paper,
 # section 5), which prices an ImageNet epoch in TPUv2-hours.
 PAPER_CHILDREN, PAPER_EPOCHS, PAPER_DEVICE_HOURS = 8000, 5.0, 4.5 * 24 * 64
@@ -167,8 +182,9 @@ def against_itself(results: list[dict], phase: str, variant: str) -> dict | None
   return rank_agreement(*([runs[i][pairs[i][k]]['accuracy'] for i in both] for k in range(2)))
 
 
-def summarise(results: list[dict], target_ms: float, reward_config) -> dict:
-  full = mean_accuracy(by_seed(results, 'full', 'train_local'))
+def summarise(results: list[dict], target_ms: float, reward_config, full_variant: str) -> dict:
+  """Each proxy variant's agreement with full training's `full_variant`, and with itself."""
+  full = mean_accuracy(by_seed(results, 'full', full_variant))
   latency_ms = {r['index']: r['latency_ms'] for r in results}
   out = {}
   for name in sorted({r['variant'] for r in results if r['phase'] == 'proxy'}):
@@ -201,9 +217,10 @@ def main(argv):
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required')
   config = _CONFIG.value
-  unknown = [v for v in _VARIANTS.value if v not in VARIANTS]
-  if unknown:
-    raise app.UsageError(f'unknown variants {unknown}: expected some of {sorted(VARIANTS)}')
+  for flag, known in ((_VARIANTS, VARIANTS), (_FULL_VARIANTS, FULL_VARIANTS)):
+    unknown = [v for v in flag.value if v not in known]
+    if unknown:
+      raise app.UsageError(f'unknown --{flag.name} {unknown}: expected some of {sorted(known)}')
   os.makedirs(_WORKDIR.value, exist_ok=True)
   path = os.path.join(_WORKDIR.value, 'results.jsonl')
   space = search_space.SearchSpace(config.search_space)
@@ -218,8 +235,19 @@ def main(argv):
       f.write(json.dumps(entry) + '\n')
     logging.info('%s', entry)
 
-  def base(index):
-    return {'index': index, 'blocks': archs[index], 'latency_ms': float(latencies[index])}
+  def measure(phase, name, index, seed, run):
+    """Records `run()`'s accuracy as `phase`/`name`'s of architecture `index` at `seed`, unless it
+    is recorded already."""
+    if run_key({'phase': phase, 'variant': name, 'index': index, 'seed': seed}) in done:
+      return
+    started = time.time()
+    result = run()
+    entry = {'index': index, 'blocks': archs[index], 'latency_ms': float(latencies[index])}
+    entry.update(phase=phase, variant=name, seed=seed, accuracy=float(result['accuracy']))
+    entry['seconds'] = time.time() - started
+    if 'compile_seconds' in result:
+      entry['compile_seconds'] = float(result['compile_seconds'])
+    record(entry)
 
   if 'proxy' in _PHASES.value:
     data = input_pipeline.create_proxy_data(config.data)
@@ -227,76 +255,60 @@ def main(argv):
       proxy = config.proxy.copy_and_resolve_references()
       proxy.update(VARIANTS[name])
       for i, blocks in enumerate(archs):
+        arch = models.Architecture(tuple(blocks), stem_filters=space.stem_filters)
         for seed in seeds(first_seed('proxy', i), _PROXY_SEEDS.value):
-          if run_key({'phase': 'proxy', 'variant': name, 'index': i, 'seed': seed}) in done:
-            continue
-          started = time.time()
-          arch = models.Architecture(tuple(blocks), stem_filters=space.stem_filters)
-          result = train.proxy_train(proxy, arch, data, seed=seed)
-          record(
-            dict(
-              base(i),
-              phase='proxy',
-              variant=name,
-              seed=seed,
-              accuracy=float(result['accuracy']),
-              seconds=time.time() - started,
-              compile_seconds=float(result['compile_seconds']),
-            )
-          )
+          measure('proxy', name, i, seed, lambda: train.proxy_train(proxy, arch, data, seed=seed))
   if 'full' in _PHASES.value:
-    for seed in seeds(first_seed('full', 0), _FULL_SEEDS.value):
-      for i, blocks in enumerate(archs):
-        if run_key({'phase': 'full', 'variant': 'train_local', 'index': i, 'seed': seed}) in done:
-          continue
-        train_config = train_configs.get_config('local')
-        train_config.arch = ','.join(blocks)
-        train_config.seed = seed
-        if _FULL_STEPS.value:
-          train_config.num_steps = _FULL_STEPS.value
-        started = time.time()
-        run = str(i) if seed == first_seed('full', i) else f'{i}_seed{seed}'
-        result = train.train_and_evaluate(train_config, os.path.join(_WORKDIR.value, 'full', run))
-        record(
-          dict(
-            base(i),
-            phase='full',
-            variant='train_local',
-            seed=seed,
-            accuracy=float(result['accuracy']),
-            seconds=time.time() - started,
+    for name in _FULL_VARIANTS.value:
+      for seed in seeds(first_seed('full', 0), _FULL_SEEDS.value):
+        for i, blocks in enumerate(archs):
+          train_config = train_configs.get_config('local')
+          train_config.update(FULL_VARIANTS[name])
+          train_config.arch = ','.join(blocks)
+          train_config.seed = seed
+          if _FULL_STEPS.value:
+            train_config.num_steps = _FULL_STEPS.value
+          run = str(i) if seed == first_seed('full', i) else f'{i}_seed{seed}'
+          workdir = os.path.join(
+            _WORKDIR.value, 'full', run if name == 'train_local' else f'{name}_{run}'
           )
-        )
+          measure('full', name, i, seed, lambda: train.train_and_evaluate(train_config, workdir))
 
   results = read_results(path)
-  summary = summarise(results, target_ms, config.reward)
-  full = [r for r in results if r['phase'] == 'full']
-  for name, entry in summary.items():
-    figures = ''.join(
-      f'; {what.replace("_", " ")}: Kendall tau {entry[what]["kendall_tau"]:.3f}, Spearman '
-      f'{entry[what]["spearman"]:.3f} (n={entry[what]["n"]})'
-      for what in ('accuracy', 'reward', 'against_itself')
-      if entry.get(what)
-    )
+  report = {}
+  for full_name in sorted({r['variant'] for r in results if r['phase'] == 'full'}):
+    full = [r for r in results if r['phase'] == 'full' and r['variant'] == full_name]
+    summary = summarise(results, target_ms, config.reward, full_name)
+    print(f'against full training {full_name}:')
+    for name, entry in summary.items():
+      figures = ''.join(
+        f'; {what.replace("_", " ")}: Kendall tau {entry[what]["kendall_tau"]:.3f}, Spearman '
+        f'{entry[what]["spearman"]:.3f} (n={entry[what]["n"]})'
+        for what in ('accuracy', 'reward', 'against_itself')
+        if entry.get(what)
+      )
+      print(
+        f'  proxy {name}: {entry["proxies"]} scored ({entry["proxy_seeds"]:g} seeds each), '
+        f'{entry["proxy_seconds_each"]:.0f} s each{figures}'
+      )
+    seconds = float(np.mean([r['seconds'] for r in full]))
     print(
-      f'proxy {name}: {entry["proxies"]} scored ({entry["proxy_seeds"]:g} seeds each), '
-      f'{entry["proxy_seconds_each"]:.0f} s each{figures}'
+      f'  {len({r["index"] for r in full})} of {_NUM_ARCHS.value} trained in full ({len(full)} '
+      f'trainings), {seconds:.0f} s each (on this machine, as loaded as it was)'
     )
-  full_seconds = float(np.mean([r['seconds'] for r in full])) if full else None
-  print(
-    f'{len({r["index"] for r in full})} of {_NUM_ARCHS.value} trained in full'
-    + (
-      f' ({len(full)} trainings), {full_seconds:.0f} s each (on this machine, as loaded as it was)'
-      if full
-      else ''
-    )
-  )
-  ceiling = against_itself(results, 'full', 'train_local')
-  if ceiling:
-    print(
-      f'full training against itself (seeds 0 and 1000): Kendall tau {ceiling["kendall_tau"]:.3f}, '
-      f'Spearman {ceiling["spearman"]:.3f} (n={ceiling["n"]}), the most a proxy can reach'
-    )
+    ceiling = against_itself(results, 'full', full_name)
+    if ceiling:
+      print(
+        f'  {full_name} against itself (seeds 0 and 1000): Kendall tau '
+        f'{ceiling["kendall_tau"]:.3f}, Spearman {ceiling["spearman"]:.3f} (n={ceiling["n"]}), '
+        'the most a proxy can reach'
+      )
+    report[full_name] = {
+      'variants': summary,
+      'trained': len(full),
+      'against_itself': ceiling,
+      'seconds_each': seconds,
+    }
   # The same measurement on ImageNet: each architecture's 5-epoch proxy plus its full training.
   proxy_epochs = search_configs.get_config().proxy.num_epochs
   full_epochs = train_configs.get_config().num_epochs
@@ -312,10 +324,7 @@ def main(argv):
       {
         'num_archs': _NUM_ARCHS.value,
         'target_ms': target_ms,
-        'variants': summary,
-        'full_trained': len(full),
-        'full_against_itself': ceiling,
-        'full_seconds_each': full_seconds,
+        'full': report,
         'imagenet_epochs': epochs,
         'imagenet_tpuv2_device_hours': device_hours,
         'devices': str(jax.devices()[0]),

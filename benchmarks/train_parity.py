@@ -182,7 +182,7 @@ def reference_model(config, num_classes: int, resolution: int):
     torch.nn.BatchNorm2d, eps=config.bn_epsilon, momentum=1 - config.bn_momentum
   )
   dropout = model.dropout_rate if config.dropout_rate is None else config.dropout_rate
-  return efficientnet.EfficientNet(
+  reference = efficientnet.EfficientNet(
     block_args=efficientnet.decode_arch_def(timm_arch_def(model, resolution)),
     num_classes=num_classes,
     stem_size=model.stem_filters,
@@ -191,6 +191,11 @@ def reference_model(config, num_classes: int, resolution: int):
     norm_layer=norm,
     drop_rate=dropout,
   )
+  if config.classifier_init_range is not None:  # timm's is the official 1/sqrt(classes)
+    torch.nn.init.uniform_(
+      reference.classifier.weight, -config.classifier_init_range, config.classifier_init_range
+    )
+  return reference
 
 
 def flax_variables(torch_model, model: models.MnasNet, resolution: int) -> dict:

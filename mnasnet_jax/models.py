@@ -152,9 +152,14 @@ def depthwise_kernel_init(key, shape, dtype=jnp.float32):
   return jax.random.normal(key, shape, dtype) * math.sqrt(2.0 / (kh * kw))
 
 
-def dense_kernel_init(key, shape, dtype=jnp.float32):
-  limit = 1.0 / math.sqrt(shape[1])
-  return jax.random.uniform(key, shape, dtype, -limit, limit)
+def dense_kernel_init(init_range: float | None = None):
+  """Uniform in +-`init_range`; None: the official code's 1/sqrt(classes)."""
+
+  def init(key, shape, dtype=jnp.float32):
+    limit = 1.0 / math.sqrt(shape[1]) if init_range is None else init_range
+    return jax.random.uniform(key, shape, dtype, -limit, limit)
+
+  return init
 
 
 # --- the ops' native forms, and the CPU forms by name (platform.py chooses) ---------------------
@@ -372,6 +377,7 @@ class Head(nn.Module):
   conv: str
   dtype: Any = jnp.float32
   features_only: bool = False
+  classifier_init_range: float | None = None  # dense_kernel_init's
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -382,7 +388,10 @@ class Head(nn.Module):
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     return nn.Dense(
-      self.num_classes, kernel_init=dense_kernel_init, dtype=self.dtype, name='classifier'
+      self.num_classes,
+      kernel_init=dense_kernel_init(self.classifier_init_range),
+      dtype=self.dtype,
+      name='classifier',
     )(x)
 
 
@@ -413,6 +422,9 @@ class MnasNet(nn.Module):
   # Return {'layer_<i>/expansion': each layer's depthwise input, 'head': the head's 1x1 features}
   # instead of logits, with no classifier: a detector's backbone (mnasnet_jax/detection/).
   feature_maps: bool = False
+  # The classifier's initial weights, uniform in +-this; None: the official 1/sqrt(num_classes),
+  # whose initial logits grow as the classes fall (near 5 standard deviations for 10 classes).
+  classifier_init_range: float | None = None
 
   def layer_specs(self, resolution: int) -> list[blocks_lib.Layer]:
     stem = blocks_lib.round_filters(self.stem_filters, self.depth_multiplier)
@@ -463,6 +475,7 @@ class MnasNet(nn.Module):
       self.conv,
       self.dtype,
       features_only=self.feature_maps,
+      classifier_init_range=self.classifier_init_range,
     )
 
   @nn.compact

@@ -247,6 +247,7 @@ class Supernet(nn.Module):
   bn_axis_name: str | None = None
   bn_group_size: int | None = None
   remat: bool = False  # recompute each layer's activations in the backward pass (memory.py)
+  classifier_init_range: float | None = None
 
   @nn.nowrap
   def network(self, blocks=('r1_k3_s11_e1_i8_o8',)) -> models.MnasNet:
@@ -307,6 +308,7 @@ _SHARED_FIELDS = (
   'dtype',
   'bn_axis_name',
   'bn_group_size',
+  'classifier_init_range',
 )
 
 

@@ -106,6 +106,7 @@ def create_model(
     bn_axis_name=AXIS,
     bn_momentum=config.bn_momentum,
     bn_group_size=config.bn_group_size,
+    classifier_init_range=config.classifier_init_range,
   )
 
 

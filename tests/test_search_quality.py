@@ -81,8 +81,8 @@ def test_proxy_ranking_averages_each_architectures_seeds(benchmark_module):
   # First seeds rank the three backwards; the second seeds' means put them in order.
   first = [result('proxy', i, a) for i, a in enumerate([0.3, 0.2, 0.1])]
   second = [result('proxy', i, a, 1000 + i) for i, a in enumerate([0.0, 0.3, 0.6])]
-  one = ranking.summarise(full + first, 0.3, config.reward)['local']
-  two = ranking.summarise(full + first + second, 0.3, config.reward)['local']
+  one = ranking.summarise(full + first, 0.3, config.reward, 'train_local')['local']
+  two = ranking.summarise(full + first + second, 0.3, config.reward, 'train_local')['local']
   assert one['accuracy']['kendall_tau'] == -1.0 and one['proxy_seeds'] == 1
   assert two['accuracy']['kendall_tau'] == 1.0 and two['proxy_seeds'] == 2
   # Full trainings average their seeds too, and against each other they are the ceiling.
@@ -93,5 +93,5 @@ def test_proxy_ranking_averages_each_architectures_seeds(benchmark_module):
   np.testing.assert_allclose(ceiling['kendall_tau'], -1 / 3)
   # Proxies in the order of the full means (0.3, 0.1, 0.2), not of the first full seed's.
   proxies = [result('proxy', i, a) for i, a in enumerate([0.9, 0.1, 0.5])]
-  averaged = ranking.summarise(full + again + proxies, 0.3, config.reward)['local']
+  averaged = ranking.summarise(full + again + proxies, 0.3, config.reward, 'train_local')['local']
   assert averaged['accuracy']['kendall_tau'] == 1.0

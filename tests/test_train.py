@@ -126,6 +126,24 @@ def test_each_model_keeps_its_own_dropout_unless_the_config_sets_one():
   assert train.create_model(config, 'mnasnet_small', 10).dropout_rate == 0.3
 
 
+def test_the_classifier_starts_in_the_official_range_unless_the_config_sets_one():
+  def classifier_kernel(config, arch='r1_k3_s11_e1_i32_o16_noskip'):
+    model = train.create_model(config, arch, 10)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))
+    return np.asarray(variables['params']['classifier']['kernel'])
+
+  config = train_config.get_config('local')
+  local = classifier_kernel(config)
+  config.classifier_init_range = None
+  official = classifier_kernel(config)
+  # Uniform in +-1/sqrt(10) (the official code's rule), and +-1/sqrt(1,000) locally: the same
+  # draws, scaled.
+  assert 0.3 < np.abs(official).max() <= 10**-0.5
+  np.testing.assert_allclose(local, official * (10 / 1000) ** 0.5, rtol=1e-5, atol=1e-7)
+  # The proxy and the supernet take it from the recipe.
+  assert search_config.get_config('local').proxy.classifier_init_range == 1000**-0.5
+
+
 def test_weight_penalty_skips_batchnorm_only():
   config = _train_config()
   _, _, _, _, state = _setup(config, jax.devices()[:1])

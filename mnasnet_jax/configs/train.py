@@ -63,6 +63,8 @@ def get_config(arg=None):
   config.bn_group_size = 128  # images per BN statistic, as per TPU core in the official
   # recipe (bn_groups.py); None: the whole global batch
   config.depth_multiplier = 1.0
+  # The classifier's initial weights: uniform in +-this; None: the official 1/sqrt(classes).
+  config.classifier_init_range = config_dict.placeholder(float)
   config.padding = 'same'  # TF's, the official code's; 'symmetric': PyTorch's (blocks.PADDINGS)
   config.bn_epsilon = 1e-3  # the official code's; PyTorch's MnasNets use 1e-5
   # Fine-tuning: the weights to start from (a train workdir, or a timm / torchvision file that
@@ -94,6 +96,10 @@ def get_config(arg=None):
     config.warmup_epochs = 1.0
     config.lr_decay_epochs = 0.5
     config.ema_decay = 0.999
+    # ImageNet's initial range (1/sqrt(1,000)): the official rule's for 10 classes starts the
+    # logits near 5 standard deviations wide, and which seeds recover from it decides as much of
+    # a child's accuracy as its architecture does (benchmarks/proxy_ranking.py).
+    config.classifier_init_range = 1000**-0.5
     config.eval_batch_size = 500
     config.log_every_steps = 50
     config.eval_every_steps = 1000

@@ -83,21 +83,14 @@ _FULL_STEPS = flags.DEFINE_integer(
   'full_steps', 0, "Steps of each full training; 0: configs/train.py:local's own (10 epochs)."
 )
 
-# Until 2026-12-06 the local recipe's classifier started at the official range for its 10 classes.
-OFFICIAL_INIT = {'classifier_init_range': None}
 # The local proxy until 2026-12-06: the recipe's 0.1-epoch warm-up and decay every 0.5 epochs, so
 # its 100 steps ended at the peak rate, 0.016 per 256 images.
-ENDS_AT_PEAK = {
-  **OFFICIAL_INIT,
-  'warmup_epochs': 0.1,
-  'lr_decay_epochs': 0.5,
-  'base_learning_rate': 0.016,
-}
+ENDS_AT_PEAK = {'warmup_epochs': 0.1, 'lr_decay_epochs': 0.5, 'base_learning_rate': 0.016}
 # Overrides of config.proxy; 'local' is the search's proxy as configured.
 VARIANTS = {
   'local': {},
-  'official_init': OFFICIAL_INIT,
-  'official_init_lr0.016': {**OFFICIAL_INIT, 'base_learning_rate': 0.016},
+  'lr0.016': {'base_learning_rate': 0.016},
+  'imagenet_init': {'classifier_init_range': 1000**-0.5},
   'ends_at_peak': ENDS_AT_PEAK,
   'ends_at_peak_steps300': {**ENDS_AT_PEAK, 'num_steps': 300},
   'ends_at_peak_lr0.008': {**ENDS_AT_PEAK, 'base_learning_rate': 0.008},
@@ -106,7 +99,11 @@ VARIANTS = {
   'ends_at_peak_eval10000': {**ENDS_AT_PEAK, 'eval_examples': 10_000},
 }
 # Overrides of configs/train.py:local; 'train_local' is it as configured.
-FULL_VARIANTS = {'train_local': {}, 'train_local_official_init': OFFICIAL_INIT}
+FULL_VARIANTS = {
+  'train_local': {},
+  # Until 2026-12-06: the official rule's classifier range for 10 classes.
+  'train_local_official_init': {'classifier_init_range': None},
+}
 # The paper's search: about 8,000 children of 5 ImageNet epochs in 4.5 days on 64 TPUv2 (paper,
 # section 5), which prices an ImageNet epoch in TPUv2-hours.
 PAPER_CHILDREN, PAPER_EPOCHS, PAPER_DEVICE_HOURS = 8000, 5.0, 4.5 * 24 * 64

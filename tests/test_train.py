@@ -140,8 +140,8 @@ def test_the_classifier_starts_in_the_official_range_unless_the_config_sets_one(
   # draws, scaled.
   assert 0.3 < np.abs(official).max() <= 10**-0.5
   np.testing.assert_allclose(local, official * (10 / 1000) ** 0.5, rtol=1e-5, atol=1e-7)
-  # The proxy and the supernet take it from the recipe.
-  assert search_config.get_config('local').proxy.classifier_init_range == 1000**-0.5
+  # The local proxy (and so the supernet) keeps the official rule's.
+  assert search_config.get_config('local').proxy.classifier_init_range is None
 
 
 def test_weight_penalty_skips_batchnorm_only():

@@ -96,11 +96,12 @@ SMALL = {
     '--surrogates=neighbours',
     '--uniform_draws=100000',
   ],
-  # One architecture, two steps of proxy and of full training, two seeds of each.
+  # One architecture, two steps of proxy and of full training (both variants), two seeds of each.
   'benchmarks/proxy_ranking.py': [
     '--num_archs=1',
     '--proxy_seeds=2',
     '--full_seeds=2',
+    '--full_variants=train_local,imagenet_init',
     '--full_steps=2',
     '--config.proxy.num_steps=2',
     '--config.proxy.eval_examples=100',

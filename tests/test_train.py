@@ -133,15 +133,15 @@ def test_the_classifier_starts_in_the_official_range_unless_the_config_sets_one(
     return np.asarray(variables['params']['classifier']['kernel'])
 
   config = train_config.get_config('local')
-  local = classifier_kernel(config)
-  config.classifier_init_range = None
+  assert config.classifier_init_range is None
+  assert search_config.get_config('local').proxy.classifier_init_range is None
   official = classifier_kernel(config)
-  # Uniform in +-1/sqrt(10) (the official code's rule), and +-1/sqrt(1,000) locally: the same
+  config.classifier_init_range = 1000**-0.5
+  narrow = classifier_kernel(config)
+  # Uniform in +-1/sqrt(10) (the official code's rule), and in +-1/sqrt(1,000) as set: the same
   # draws, scaled.
   assert 0.3 < np.abs(official).max() <= 10**-0.5
-  np.testing.assert_allclose(local, official * (10 / 1000) ** 0.5, rtol=1e-5, atol=1e-7)
-  # The local proxy (and so the supernet) keeps the official rule's.
-  assert search_config.get_config('local').proxy.classifier_init_range is None
+  np.testing.assert_allclose(narrow, official * (10 / 1000) ** 0.5, rtol=1e-5, atol=1e-7)
 
 
 def test_weight_penalty_skips_batchnorm_only():

@@ -150,10 +150,6 @@ def data_and_proxy_config(arg=None):
     proxy.lr_decay_epochs = proxy.batch_size / (60_000 - data.holdout)
     proxy.base_learning_rate = 0.032  # 0.008 at batch 64
     proxy.ema_decay = 0.0  # too few steps for a moving average to help
-    # The official rule's classifier range, not the local recipe's ImageNet one: within 100 steps
-    # the proxy ranked children the same way twice less often with the smaller start
-    # (benchmarks/proxy_ranking.py's docstring).
-    proxy.classifier_init_range = ml_collections.config_dict.placeholder(float)
     # 100 steps end with weights moving too fast for BN's running averages to follow (children at
     # chance with them, far above it with batch statistics): re-estimate them after training.
     proxy.bn_recalibration_batches = 20

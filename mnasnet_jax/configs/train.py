@@ -96,10 +96,6 @@ def get_config(arg=None):
     config.warmup_epochs = 1.0
     config.lr_decay_epochs = 0.5
     config.ema_decay = 0.999
-    # ImageNet's initial range (1/sqrt(1,000)): the official rule's for 10 classes starts the
-    # logits near 5 standard deviations wide, and which seeds recover from it decides as much of
-    # a child's accuracy as its architecture does (benchmarks/proxy_ranking.py).
-    config.classifier_init_range = 1000**-0.5
     config.eval_batch_size = 500
     config.log_every_steps = 50
     config.eval_every_steps = 1000

@@ -231,11 +231,6 @@ def main(argv):
   archs = [space.decode(t) for t in tokens]
   done = {run_key(r) for r in read_results(path)}
 
-  def record(entry):
-    with open(path, 'a') as f:
-      f.write(json.dumps(entry) + '\n')
-    logging.info('%s', entry)
-
   def measure(phase, name, index, seed, run):
     """Records `run()`'s accuracy as `phase`/`name`'s of architecture `index` at `seed`, unless it
     is recorded already."""
@@ -248,7 +243,9 @@ def main(argv):
     entry['seconds'] = time.time() - started
     if 'compile_seconds' in result:
       entry['compile_seconds'] = float(result['compile_seconds'])
-    record(entry)
+    with open(path, 'a') as f:
+      f.write(json.dumps(entry) + '\n')
+    logging.info('%s', entry)
 
   if 'proxy' in _PHASES.value:
     data = input_pipeline.create_proxy_data(config.data)

@@ -77,21 +77,35 @@ def test_proxy_ranking_averages_each_architectures_seeds(benchmark_module):
     entry['variant'] = 'local' if phase == 'proxy' else 'train_local'
     return entry if seed is None else {**entry, 'seed': seed}
 
+  alone = ('train_local',)
   full = [result('full', i, a) for i, a in enumerate([0.1, 0.2, 0.3])]
   # First seeds rank the three backwards; the second seeds' means put them in order.
   first = [result('proxy', i, a) for i, a in enumerate([0.3, 0.2, 0.1])]
   second = [result('proxy', i, a, 1000 + i) for i, a in enumerate([0.0, 0.3, 0.6])]
-  one = ranking.summarise(full + first, 0.3, config.reward, 'train_local')['local']
-  two = ranking.summarise(full + first + second, 0.3, config.reward, 'train_local')['local']
+  one = ranking.summarise(full + first, 0.3, config.reward, alone)['local']
+  two = ranking.summarise(full + first + second, 0.3, config.reward, alone)['local']
   assert one['accuracy']['kendall_tau'] == -1.0 and one['proxy_seeds'] == 1
   assert two['accuracy']['kendall_tau'] == 1.0 and two['proxy_seeds'] == 2
   # Full trainings average their seeds too, and against each other they are the ceiling.
   assert two['against_itself']['kendall_tau'] == -1.0 and one['against_itself'] is None
-  assert ranking.against_itself(full + first + second, 'full', 'train_local') is None
+  assert ranking.against_itself(full + first + second, 'full', alone) is None
   again = [result('full', i, a, 1000) for i, a in enumerate([0.5, 0.0, 0.1])]
-  ceiling = ranking.against_itself(full + again, 'full', 'train_local')
+  ceiling = ranking.against_itself(full + again, 'full', alone)
   np.testing.assert_allclose(ceiling['kendall_tau'], -1 / 3)
   # Proxies in the order of the full means (0.3, 0.1, 0.2), not of the first full seed's.
   proxies = [result('proxy', i, a) for i, a in enumerate([0.9, 0.1, 0.5])]
-  averaged = ranking.summarise(full + again + proxies, 0.3, config.reward, 'train_local')['local']
+  averaged = ranking.summarise(full + again + proxies, 0.3, config.reward, alone)['local']
   assert averaged['accuracy']['kendall_tau'] == 1.0
+  # Pooled over full variants: each architecture's mean of all its trainings (0.2, 0.27, 0.15), its
+  # halves by seed each the mean over the variants with both seeds ((0.1, 0.2, 0.15) against
+  # (0.5, 0.0, 0.15)).
+  official = [
+    dict(result('full', i, a, seed), variant='official_init')
+    for i, a, seed in ((0, 0.0, 0), (1, 0.6, 0), (2, 0.0, 0), (2, 0.2, 1000))
+  ]
+  proxies = [result('proxy', i, a) for i, a in enumerate([0.2, 0.3, 0.1])]
+  both = ('train_local', 'official_init')
+  for variants, tau in ((alone, -1 / 3), (both, 1.0)):
+    entry = ranking.summarise(full + again + official + proxies, 0.3, config.reward, variants)
+    np.testing.assert_allclose(entry['local']['accuracy']['kendall_tau'], tau)
+  assert ranking.against_itself(full + again + official, 'full', both)['kendall_tau'] == -1.0

@@ -155,6 +155,9 @@ def data_and_proxy_config(arg=None):
     proxy.bn_recalibration_batches = 20
     proxy.dropout_rate = 0.0
     proxy.eval_examples = 2000  # of the 10,000 held out
+    # The official classifier range, not the local recipe's: in 100 steps ImageNet's ranked the
+    # children against a second seed at Kendall 0.31, this 0.58 (benchmarks/proxy_ranking.py).
+    proxy.classifier_init_range = ml_collections.config_dict.placeholder(float)
   else:
     proxy.num_epochs = 5.0
     proxy.warmup_epochs = 1.0

@@ -87,9 +87,6 @@ _FULL_STEPS = flags.DEFINE_integer(
   'full_steps', 0, "Steps of each full training; 0: configs/train.py:local's own (10 epochs)."
 )
 
-# The classifier started as ImageNet's is (the official rule, 1/sqrt(classes), for 1,000 classes),
-# not as the rule has it for Fashion-MNIST's 10, whose initial logits are near 5 standard deviations.
-IMAGENET_INIT = {'classifier_init_range': 1000**-0.5}
 # The local proxy until 2026-12-06: the recipe's 0.1-epoch warm-up and decay every 0.5 epochs, so
 # its 100 steps ended at the peak rate, 0.016 per 256 images.
 ENDS_AT_PEAK = {'warmup_epochs': 0.1, 'lr_decay_epochs': 0.5, 'base_learning_rate': 0.016}
@@ -97,7 +94,10 @@ ENDS_AT_PEAK = {'warmup_epochs': 0.1, 'lr_decay_epochs': 0.5, 'base_learning_rat
 VARIANTS = {
   'local': {},
   'lr0.016': {'base_learning_rate': 0.016},
-  'imagenet_init': IMAGENET_INIT,
+  # The local recipe's classifier range (ImageNet's), not the official rule's for 10 classes.
+  'imagenet_init': {
+    'classifier_init_range': train_configs.get_config('local').classifier_init_range
+  },
   'ends_at_peak': ENDS_AT_PEAK,
   'ends_at_peak_steps300': {**ENDS_AT_PEAK, 'num_steps': 300},
   'ends_at_peak_lr0.008': {**ENDS_AT_PEAK, 'base_learning_rate': 0.008},

@@ -16,6 +16,7 @@ from mnasnet_jax import memory
 from mnasnet_jax import oneshot
 from mnasnet_jax import search
 from mnasnet_jax.configs import search as search_config
+from mnasnet_jax.configs import train as train_config
 
 
 def tiny_oneshot(table_path, cache_dir, strategy='reinforce', num_children=4):
@@ -63,6 +64,9 @@ def test_shipped_configs():
       config.oneshot.warmup_steps
       + config.search.num_children * config.oneshot.train_steps_per_child
     )
+    # Locally the recipe's classifier range (ImageNet's), not the official one ten times wider.
+    recipe = train_config.get_config('local' if local else None)
+    assert config.proxy.classifier_init_range == recipe.classifier_init_range
   with pytest.raises(errors.UserError, match='oneshot_local'):
     search_config.get_config('bogus')
 

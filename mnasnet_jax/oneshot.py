@@ -2,9 +2,10 @@
 of a proxy training per child. `python launch/main.py --config=configs/search.py:oneshot[_local]`.
 
 The supernet (supernet.py) first trains `config.oneshot.warmup_steps` steps on architectures drawn
-uniformly from the space, so that every option's weights are trained before any is judged. Then
-each child the strategy samples (PPO's LSTM, REINFORCE's independent logits, evolution) trains the
-shared weights for `config.oneshot.train_steps_per_child` steps as itself, and its reward is the
+from the space, so that every option's weights are trained before any is judged: at first mostly
+the largest child, then uniformly (`config.oneshot.largest_first_steps`). Then each child the
+strategy samples (PPO's LSTM, REINFORCE's independent logits, evolution) trains the shared
+weights for `config.oneshot.train_steps_per_child` steps as itself, and its reward is the
 shared weights' top-1 on `config.oneshot.eval_batches` held-out batches (BatchNorm statistics of
 each batch itself: the running ones average over every child trained) with the latency table's
 latency, by reward.py's rewards. After `children_per_step` children the strategy is told their
@@ -70,6 +71,20 @@ def reward_step(state, tokens, images, labels, mask, *, net, image_stats):
   )
 
 
+def warmup_tokens(space, seed: int, step: int, largest_first_steps: int) -> np.ndarray:
+  """The warm-up's child of supernet step `step`, a function of (seed, step) alone: drawn
+  uniformly, except that over the first `largest_first_steps` each decision takes its largest
+  option (search_space.largest) with a probability falling linearly from 1 to 0. TuNAS's filter
+  and op warm-up, as choices: the shared weights first learn as one wide network, and the
+  children inside it later (README, "Search on shared weights")."""
+  rng = np.random.default_rng((seed, step))
+  tokens = np.array([rng.integers(n) for n in space.choices], np.int32)
+  if step < largest_first_steps:
+    largest = rng.random(len(tokens)) < 1.0 - step / largest_first_steps
+    tokens = np.where(largest, space.largest(), tokens).astype(np.int32)
+  return tokens
+
+
 def step_number(step: int) -> np.ndarray:
   """A step as checkpoints hold it: a 0-d array (Orbax restores no NumPy scalar, np.int32(0): a
   template holding one fails as if the checkpoint were unreadable)."""
@@ -90,8 +105,9 @@ class OneShotSearch(search.Search):
     for key in ('train_steps_per_child', 'eval_batches', 'checkpoint_every_steps'):
       if o[key] < 1:
         raise errors.UserError(f'config.oneshot.{key} = {o[key]}: expected at least 1')
-    if o.warmup_steps < 0:
-      raise errors.UserError(f'config.oneshot.warmup_steps = {o.warmup_steps}: expected >= 0')
+    for key in ('warmup_steps', 'largest_first_steps'):
+      if o[key] < 0:
+        raise errors.UserError(f'config.oneshot.{key} = {o[key]}: expected >= 0')
     if config.proxy.ema_decay:
       raise errors.UserError(
         f'config.proxy.ema_decay = {config.proxy.ema_decay}: the one-shot search keeps no '
@@ -190,11 +206,6 @@ class OneShotSearch(search.Search):
     totals = jax.device_get(totals)
     return float(totals['top1']) / max(float(totals['count']), 1.0)
 
-  def uniform_tokens(self, step: int) -> np.ndarray:
-    """The warm-up's child of supernet step `step`: uniform, a function of (seed, step) alone."""
-    rng = np.random.default_rng((self.search.seed, step))
-    return np.array([rng.integers(n) for n in self.space.choices], np.int32)
-
   # --- checkpoints ----------------------------------------------------------------------------
 
   def checkpoint(self, controller_state, controller_step: int) -> None:
@@ -239,7 +250,12 @@ class OneShotSearch(search.Search):
     )
     began = time.perf_counter()
     while self.supernet_step < self.oneshot.warmup_steps:
-      loss = self.train_on(self.uniform_tokens(self.supernet_step), 1)
+      loss = self.train_on(
+        warmup_tokens(
+          self.space, self.search.seed, self.supernet_step, self.oneshot.largest_first_steps
+        ),
+        1,
+      )
       if self.supernet_step % self.oneshot.checkpoint_every_steps == 0 or (
         self.supernet_step == self.oneshot.warmup_steps
       ):

@@ -170,6 +170,24 @@ class SearchSpace:
       op=op,
     )
 
+  def largest(self) -> list[int]:
+    """The tokens of the child holding most of the others' weights in the supernet (supernet.py):
+    each searched block at its largest expansion (mbconv before the regular conv), kernel, SE
+    ratio, filter multiplier and layer count, with a residual (identity before pool before none)."""
+    size = {
+      'conv_op': lambda name: (parse_conv_op(name)[1], parse_conv_op(name)[0] == 'mbconv'),
+      'skip': ('none', 'pool', 'identity').index,
+      'kernel': int,
+      'se_ratio': float,
+      'filters': float,
+      'layers': int,
+    }
+    picks = []
+    for d in DECISIONS:
+      options = self.options[d]
+      picks.append(max(range(len(options)), key=lambda i: size[d](options[i])))
+    return picks * len(self.searched)
+
   def decode(self, tokens: Sequence[int]) -> list[str]:
     """The block strings of the whole network that `tokens` select (fixed blocks included)."""
     tokens = self._check_tokens(tokens)

@@ -15,6 +15,7 @@ from mnasnet_jax import history
 from mnasnet_jax import memory
 from mnasnet_jax import oneshot
 from mnasnet_jax import search
+from mnasnet_jax import search_space
 from mnasnet_jax.configs import search as search_config
 from mnasnet_jax.configs import train as train_config
 
@@ -30,6 +31,7 @@ def tiny_oneshot(table_path, cache_dir, strategy='reinforce', num_children=4):
   # A checkpoint at the warm-up's end and after each controller step; one report, at the end (each
   # checkpoint and each plot took seconds here).
   config.oneshot.update(warmup_steps=2, train_steps_per_child=1, checkpoint_every_steps=100)
+  config.oneshot.largest_first_steps = 1  # the warm-up's first child the largest
   config.search.report_every_steps = 0
   config.oneshot.update(eval_batch_size=16, eval_examples=32)
   config.reward = shipped.reward
@@ -69,6 +71,26 @@ def test_shipped_configs():
     assert config.proxy.classifier_init_range == recipe.classifier_init_range
   with pytest.raises(errors.UserError, match='oneshot_local'):
     search_config.get_config('bogus')
+
+
+def test_warmup_starts_at_the_largest_child():
+  """The ramp: all largest at step 0; a quarter of the way down, each decision is the largest
+  with probability 3/4 + 1/(4 options); after it, the uniform draw itself."""
+  space = search_space.SearchSpace(search_config.get_config('local').search_space)
+  largest = np.array(space.largest())
+  np.testing.assert_array_equal(oneshot.warmup_tokens(space, 0, 0, 100), largest)
+  for step in (100, 170):
+    np.testing.assert_array_equal(
+      oneshot.warmup_tokens(space, 0, step, 100), oneshot.warmup_tokens(space, 0, step, 0)
+    )
+  drawn = [oneshot.warmup_tokens(space, seed, 25, 100) for seed in range(400)]
+  rate = np.mean(np.equal(drawn, largest), axis=0)
+  expected = 0.75 + 0.25 / np.array(space.choices)
+  np.testing.assert_allclose(rate.mean(), expected.mean(), atol=0.02)
+  uniform = [oneshot.warmup_tokens(space, seed, 25, 0) for seed in range(400)]
+  np.testing.assert_allclose(
+    np.mean(np.equal(uniform, largest)), np.mean(1 / np.array(space.choices)), atol=0.02
+  )
 
 
 def test_reinforce_learns_the_best_token():

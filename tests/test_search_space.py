@@ -117,6 +117,19 @@ def test_widened_space_needs_only_config():
   assert space.decode(tokens)[0] == strings[0]
 
 
+def test_largest_child(space):
+  # mbconv6, k5, SE, identity, x1.25, +1 layer in every block: MobileNetV2's table at its widest.
+  assert space.largest() == [3, 1, 1, 1, 2, 2] * 7
+  assert space.decode(space.largest())[6] == 'r2_k5_s11_e6_i200_o400_se0.25'
+  config = get_config().search_space
+  config.conv_ops = ('mbconv3', 'conv', 'sepconv')  # an expansion above the regular conv
+  config.skip_ops = ('none', 'pool')  # a residual above none
+  config.kernels, config.layer_deltas = (7, 3, 5), (1, -1, 0)
+  assert search_space.SearchSpace(config).largest()[:6] == [0, 0, 1, 1, 2, 0]
+  config.conv_ops = ('conv', 'sepconv')  # sepconv's stack (mbconv, expansion 1) above the conv
+  assert search_space.SearchSpace(config).largest()[0] == 1
+
+
 def test_fixed_blocks_keep_base_strings_with_consistent_widths():
   config = get_config().search_space
   config.searched_blocks = (1, 5)

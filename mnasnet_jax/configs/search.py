@@ -177,6 +177,12 @@ def oneshot_config(local: bool):
   # a supernet step computing every op of every layer at its widest.
   # On ImageNet (300 steps an epoch at batch 4096, 50,000 images held out) the whole is 90 epochs.
   oneshot.warmup_steps = 3000 if local else 7000
+  # > 0: over the warm-up's first steps, children mostly the largest (oneshot.warmup_tokens; as
+  # TuNAS's filter and op warm-up). Locally 750 of them had drawn children learning within 1,000
+  # steps, not 1,750, but after 2,000 steps so begun the shared weights ranked 20 architectures at
+  # Kendall -0.13, after 3,000 uniform ones at 0.32 and 0.15 (two seeds): off until a search shows
+  # it ranks as well (README, "Search on shared weights").
+  oneshot.largest_first_steps = 0
   oneshot.train_steps_per_child = 2 if local else 5  # supernet steps each sampled child trains
   oneshot.eval_batches = 1  # held-out batches per child's reward
   oneshot.eval_batch_size = 128 if local else 1024

@@ -235,7 +235,8 @@ def main(argv):
     with open(timing, 'w') as f:
       json.dump(round(time.time() - start, 1), f)
   if os.path.exists(timing):
-    result['search_wall_seconds'] = json.load(open(timing))
+    with open(timing) as f:
+      result['search_wall_seconds'] = json.load(f)
   records = [r for r in history.read(os.path.join(search_dir, 'history.jsonl')) if r['reward']]
   searcher = oneshot.OneShotSearch(config, search_dir)
   searcher.resume()  # the finished supernet from its last checkpoint

@@ -174,18 +174,16 @@ class SearchSpace:
     """The tokens of the child holding most of the others' weights in the supernet (supernet.py):
     each searched block at its largest expansion (mbconv before the regular conv), kernel, SE
     ratio, filter multiplier and layer count, with a residual (identity before pool before none)."""
-    size = {
-      'conv_op': lambda name: (parse_conv_op(name)[1], parse_conv_op(name)[0] == 'mbconv'),
-      'skip': ('none', 'pool', 'identity').index,
-      'kernel': int,
-      'se_ratio': float,
-      'filters': float,
-      'layers': int,
-    }
-    picks = []
-    for d in DECISIONS:
-      options = self.options[d]
-      picks.append(max(range(len(options)), key=lambda i: size[d](options[i])))
+
+    def size(d: str, i: int):
+      if d == 'conv_op':
+        op, expansion = self.conv_ops[i]
+        return expansion, op == 'mbconv'
+      if d == 'skip':
+        return ('none', 'pool', 'identity').index(self.options[d][i])
+      return float(self.options[d][i])
+
+    picks = [max(range(len(self.options[d])), key=lambda i: size(d, i)) for d in DECISIONS]
     return picks * len(self.searched)
 
   def decode(self, tokens: Sequence[int]) -> list[str]:

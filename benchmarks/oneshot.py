@@ -1,7 +1,8 @@
 """Evidence for the search on shared weights (oneshot.py) on the local configuration.
 
     python benchmarks/oneshot.py --workdir=/tmp/oneshot_bench [--multi_trial=/tmp/mnasnet_search]
-        [--num_archs=20] [--reward=multi_trial|shipped] [--skip_search]
+        [--num_archs=20] [--reward=multi_trial|shipped] [--skip_search] [--seeds=3]
+        [--search_seed=0] [--fastest_of=20000]
 
 1. Runs `configs/search.py:oneshot_local` in WORKDIR/search (or resumes it; it is resumable), by
    default with the multi-trial search's reward (`--reward`), timing its wall clock, and reports
@@ -11,11 +12,18 @@
    architecture proxy-trained standalone with the multi-trial local search's recipe
    (`configs/search.py:local`'s proxy, the same held-out images). Prints Kendall's tau and
    Spearman's rho between the two.
-3. The answer: the one-shot search's best child (by its reward) proxy-trained standalone with the
-   multi-trial search's budget, and its reward under the multi-trial search's reward, against the
-   best reward in `--multi_trial`'s history (a workdir of `configs/search.py:local`) when given:
-   over all its children, and over those it finished within the one-shot search's wall time (its
-   children's times summed; run it with enough `--config.search.num_children` to reach it).
+3. The answer: the one-shot search's policy's answer (the controller's most likely architecture,
+   TuNAS's) and, for comparison, its best-rewarded child, each proxy-trained standalone with the
+   multi-trial search's budget under `--seeds` seeds (0, 1, ...), and their rewards under the
+   multi-trial search's reward. Against `--multi_trial`'s history (a workdir of
+   `configs/search.py:local`) when given: its best reward over all its children, and over those it
+   finished within the one-shot search's wall time (its children's times summed; run it with
+   enough `--config.search.num_children` to reach it), and that best child retrained under the
+   same seeds. A child's reward in the search is one training, and the best of many is the
+   luckiest: the same architecture under other seeds scores some points lower (README, "Search on
+   shared weights"), so the answers are compared retrained alike, by their mean reward. A control
+   is retrained alike: the fastest of `--fastest_of` architectures drawn uniformly, what a search
+   knowing only the latency table would answer.
 
 4. `--imagenet_cost`: the ImageNet configurations' cost, from step times measured here at 224 px
    (`--cost_batch` images a step, the CPU's forms): the one-shot search's supernet steps and
@@ -25,8 +33,9 @@
    not on a TPU.
 
 Standalone trainings take about 20 s each on an idle 2-core VM (compile most of it), so
-`--num_archs=20` adds about 7 minutes. Each standalone result is kept in
-WORKDIR/standalone.jsonl and reused when the benchmark runs again. The last line is one JSON object.
+`--num_archs=20` adds about 7 minutes, and three answers under 3 seeds 3 more. Each standalone
+result is kept in WORKDIR/standalone.jsonl and reused when the benchmark runs again. The last line
+is one JSON object.
 """
 
 from __future__ import annotations
@@ -50,6 +59,16 @@ _MULTI = flags.DEFINE_string('multi_trial', None, 'Workdir of a configs/search.p
 _NUM = flags.DEFINE_integer('num_archs', 20, 'Architectures for the rank correlation.')
 _SKIP = flags.DEFINE_bool('skip_search', False, 'Use the search in WORKDIR/search as it stands.')
 _SEED = flags.DEFINE_integer('seed', 1, 'Seed of the uniformly drawn architectures.')
+_SEEDS = flags.DEFINE_integer('seeds', 3, 'Training seeds each answer is retrained under.')
+_SEARCH_SEED = flags.DEFINE_integer(
+  'search_seed', 0, "The one-shot search's config.search.seed and train_seed."
+)
+_FASTEST = flags.DEFINE_integer(
+  'fastest_of',
+  20_000,
+  'A control retrained like the answers: the fastest of this many architectures drawn uniformly '
+  '(a search that reads the latency table alone); 0: none.',
+)
 _REWARD = flags.DEFINE_enum(
   'reward',
   'multi_trial',
@@ -162,8 +181,9 @@ def imagenet_cost() -> dict:
   }
 
 
-def standalone_accuracy(cache_path, config, arch_blocks, data, key):
-  """Top-1 of `arch_blocks` proxy-trained standalone (cached in `cache_path` by `key`)."""
+def standalone_accuracy(cache_path, config, arch_blocks, data, key, seed=0):
+  """Top-1 of `arch_blocks` proxy-trained standalone with `seed` (cached in `cache_path` by `key`
+  and the seed)."""
   from mnasnet_jax import models
   from mnasnet_jax import train
 
@@ -172,10 +192,11 @@ def standalone_accuracy(cache_path, config, arch_blocks, data, key):
     for line in open(cache_path):
       record = json.loads(line)
       done[record['key']] = record
+  key = f'{key}-seed{seed}'
   if key in done:
     return done[key]['accuracy']
   arch = models.Architecture(tuple(arch_blocks), stem_filters=config.search_space.stem_filters)
-  result = train.proxy_train(config.proxy, arch, data, seed=config.search.train_seed)
+  result = train.proxy_train(config.proxy, arch, data, seed=seed)
   with open(cache_path, 'a') as f:
     f.write(json.dumps({'key': key, 'blocks': list(arch_blocks), **result}) + '\n')
   return result['accuracy']
@@ -203,8 +224,38 @@ def multi_trial(workdir: str, seconds: float | None) -> dict:
       result.update(
         multi_trial_best_reward_at_equal_time=best['reward'],
         multi_trial_best_at_equal_time=[best['accuracy'], best['latency_ms']],
+        multi_trial_best_blocks=best['blocks'],
       )
+  if 'multi_trial_best_blocks' not in result:
+    result['multi_trial_best_blocks'] = max(records, key=lambda r: r['reward'] or -1)['blocks']
   return result
+
+
+def fastest_drawn(searcher, num: int) -> list[str]:
+  """The blocks of the lowest table latency among `num` architectures drawn uniformly (seed 0)."""
+  rng = np.random.default_rng(0)
+  space = searcher.space
+  draws = (space.decode([int(rng.integers(n)) for n in space.choices]) for _ in range(num))
+  return min(draws, key=lambda blocks: searcher.table.predict(searcher.architecture(blocks)))
+
+
+def retrained(cache_path, config, blocks, data, name, latency_ms, target_ms) -> dict:
+  """`blocks` proxy-trained standalone under seeds 0 .. --seeds - 1: accuracies and rewards under
+  `config`'s reward, and their means."""
+  from mnasnet_jax import reward as reward_lib
+
+  accuracies = [
+    standalone_accuracy(cache_path, config, blocks, data, f'arch-{list(blocks)}', seed)
+    for seed in range(_SEEDS.value)
+  ]
+  rewards = [float(reward_lib.compute(config.reward, a, latency_ms, target_ms)) for a in accuracies]
+  logging.info('%s: standalone %s, rewards %s', name, accuracies, rewards)
+  return {
+    f'{name}_latency_ms': latency_ms,
+    f'{name}_standalone_accuracy': [round(a, 4) for a in accuracies],
+    f'{name}_standalone_reward': [round(r, 4) for r in rewards],
+    f'{name}_mean_reward': round(float(np.mean(rewards)), 4),
+  }
 
 
 def main(argv):
@@ -214,7 +265,6 @@ def main(argv):
 
   from mnasnet_jax import history
   from mnasnet_jax import oneshot
-  from mnasnet_jax import reward as reward_lib
   from mnasnet_jax.configs import search as search_config
 
   if _COST.value:
@@ -226,6 +276,7 @@ def main(argv):
   multi = search_config.get_config('local')
   if _REWARD.value == 'multi_trial':
     config.reward = multi.reward
+  config.search.seed = config.search.train_seed = _SEARCH_SEED.value
   search_dir = os.path.join(workdir, 'search')
   result = {'devices': jax.device_count(), 'cpu_count': os.cpu_count()}
   timing = os.path.join(workdir, 'search_seconds.json')  # a search's own, not a resumed one's
@@ -239,7 +290,7 @@ def main(argv):
       result['search_wall_seconds'] = json.load(f)
   records = [r for r in history.read(os.path.join(search_dir, 'history.jsonl')) if r['reward']]
   searcher = oneshot.OneShotSearch(config, search_dir)
-  searcher.resume()  # the finished supernet from its last checkpoint
+  strategy_state, _ = searcher.resume()  # the finished supernet and controller
   quarter = records[-max(1, len(records) // 4) :]
   result.update(
     children=len(records),
@@ -267,21 +318,26 @@ def main(argv):
     result['shared_accuracy'] = [round(a, 4) for a in shared]
     result['standalone_accuracy'] = [round(a, 4) for a in alone]
 
-  best = max(records, key=lambda r: r['reward'])
-  accuracy = standalone_accuracy(cache_path, multi, best['blocks'], data, f'best-{best["tokens"]}')
   target = searcher.target_ms if multi.reward.target_ms is None else multi.reward.target_ms
-  result.update(
-    best_trial=best['trial'],
-    best_blocks=best['blocks'],
-    best_latency_ms=best['latency_ms'],
-    best_shared_accuracy=best['accuracy'],
-    best_standalone_accuracy=accuracy,
-    best_standalone_reward=float(
-      reward_lib.compute(multi.reward, accuracy, best['latency_ms'], target)
-    ),
-  )
+  best = max(records, key=lambda r: r['reward'])
+  result.update(best_trial=best['trial'], best_shared_accuracy=best['accuracy'])
+  answer = searcher.strategy.most_likely(strategy_state)
+  answers = {'best_rewarded': best['blocks']}
+  if answer is not None:
+    answers = {'policy_answer': searcher.space.decode(answer), **answers}
   if _MULTI.value:
     result.update(multi_trial(_MULTI.value, result.get('search_wall_seconds')))
+    answers['multi_trial_best'] = result.pop('multi_trial_best_blocks')
+  if _FASTEST.value:
+    answers['fastest_drawn'] = fastest_drawn(searcher, _FASTEST.value)
+  for name, blocks in answers.items():
+    result[f'{name}_blocks'] = blocks
+    latency_ms = float(searcher.table.predict(searcher.architecture(blocks)))
+    result.update(retrained(cache_path, multi, blocks, data, name, latency_ms, target))
+  if answer is not None and _MULTI.value:
+    result['policy_answer_reaches_multi_trial'] = bool(
+      result['policy_answer_mean_reward'] >= result['multi_trial_best_mean_reward']
+    )
   print(json.dumps(result))
 
 

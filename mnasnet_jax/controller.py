@@ -6,6 +6,7 @@ search.
     state = strategy.init(seed)                            # a pytree of arrays (Orbax saves it)
     tokens, state = strategy.ask(state, num)               # np.int32 [num, len(choices)]
     state, metrics = strategy.tell(state, tokens, rewards)  # metrics: dict of floats
+    answer = strategy.most_likely(state)                   # np.int32 [len(choices)], or None
 
 All randomness comes from the key inside `state`, so the same seed and the same rewards give the same
 samples, and a restored state goes on exactly as the saved one would have.
@@ -115,9 +116,10 @@ def _lstm(params, x, h, c):
   return jax.nn.sigmoid(o) * jnp.tanh(c), c
 
 
-def _run(params, choices: tuple, temperature: float, num: int, inputs, sampling: bool):
-  """Runs the controller over every position, sampling (inputs: a key per position) or scoring
-  given tokens (inputs: int32 [T, num]). Returns tokens [num, T], summed log-probs and entropies."""
+def _run(params, choices: tuple, temperature: float, num: int, inputs, mode: str):
+  """Runs the controller over every position: 'sample' (inputs: a key per position), 'greedy'
+  (each position's most likely option; inputs: unused keys) or 'score' given tokens (inputs: int32
+  [T, num]). Returns tokens [num, T], summed log-probs and entropies."""
   offsets = np.concatenate([[1], 1 + np.cumsum(choices)[:-1]]).astype(np.int32)
   valid = np.arange(max(choices))[None, :] < np.asarray(choices)[:, None]
   hidden = params['lstm']['kernel'].shape[1] // 4
@@ -128,8 +130,10 @@ def _run(params, choices: tuple, temperature: float, num: int, inputs, sampling:
     h, c = _lstm(params['lstm'], params['embedding'][row], h, c)
     logits = (h @ head_kernel + head_bias) / temperature
     log_probs = jax.nn.log_softmax(jnp.where(head_valid, logits, _MASKED))
-    if sampling:
+    if mode == 'sample':
       token = jax.random.categorical(given, log_probs).astype(jnp.int32)
+    elif mode == 'greedy':
+      token = jnp.argmax(log_probs, axis=1).astype(jnp.int32)
     else:
       token = given
     chosen = jnp.take_along_axis(log_probs, token[:, None], axis=1)[:, 0]
@@ -152,15 +156,22 @@ def _run(params, choices: tuple, temperature: float, num: int, inputs, sampling:
 def sample(params, key, choices: tuple, num: int, temperature: float = 1.0):
   """`num` token sequences from the policy: (tokens int32 [num, T], log-probs [num])."""
   keys = jax.random.split(key, len(choices))
-  tokens, log_probs, _ = _run(params, tuple(choices), temperature, num, keys, sampling=True)
+  tokens, log_probs, _ = _run(params, tuple(choices), temperature, num, keys, 'sample')
   return tokens, log_probs
+
+
+def greedy(params, choices: tuple) -> jnp.ndarray:
+  """The policy's greedy sequence, int32 [T]: each decision its most likely option after the
+  earlier ones."""
+  keys = jax.random.split(jax.random.PRNGKey(0), len(choices))  # scanned over, not used
+  return _run(params, tuple(choices), 1.0, 1, keys, 'greedy')[0][0]
 
 
 def log_prob(params, tokens, choices: tuple, temperature: float = 1.0):
   """Log-probability [num] of each sequence under the policy, and its summed entropy [num]."""
   tokens = jnp.asarray(tokens)
   _, log_probs, entropies = _run(
-    params, tuple(choices), temperature, tokens.shape[0], tokens.T, sampling=False
+    params, tuple(choices), temperature, tokens.shape[0], tokens.T, 'score'
   )
   return log_probs, entropies
 
@@ -202,6 +213,18 @@ class _Strategy:
     state, metrics = self._tell(state, tokens, rewards)
     return state, {k: float(v) for k, v in jax.device_get(metrics).items()}
 
+  @_on_cpu
+  def most_likely(self, state) -> np.ndarray | None:
+    """The architecture the policy prefers (TuNAS's answer: a policy averages every reward it was
+    told, where the best-rewarded child is partly its one measurement's luck); None for a
+    strategy without a policy."""
+    tokens = self._most_likely(state)
+    return None if tokens is None else np.array(tokens, np.int32)
+
+  def _most_likely(self, state):
+    del state
+    return None
+
 
 class PPO(_Strategy):
   """The LSTM controller trained with PPO; state: params, opt_state, baseline, key, step."""
@@ -229,6 +252,9 @@ class PPO(_Strategy):
     key, sample_key = jax.random.split(state['key'])
     tokens, _ = sample(state['params'], sample_key, self.choices, num, self.config.temperature)
     return tokens, {**state, 'key': key}
+
+  def _most_likely(self, state):
+    return greedy(state['params'], self.choices)
 
   def _tell_impl(self, state, tokens, rewards):
     config = self.config
@@ -329,6 +355,9 @@ class Reinforce(_Strategy):
     log_probs = _independent_log_probs(state['logits'], self.choices)
     tokens = jax.random.categorical(sample_key, log_probs, shape=(num, len(self.choices)))
     return tokens.astype(jnp.int32), {**state, 'key': key}
+
+  def _most_likely(self, state):
+    return jnp.argmax(_independent_log_probs(state['logits'], self.choices), axis=1)
 
   def _tell_impl(self, state, tokens, rewards):
     config = self.config

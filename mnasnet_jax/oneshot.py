@@ -11,7 +11,8 @@ each batch itself: the running ones average over every child trained) with the l
 latency, by reward.py's rewards. After `children_per_step` children the strategy is told their
 rewards, as in the multi-trial search, whose loop, history, TensorBoard scalars, Pareto report and
 `best.md` (whose commands retrain a child standalone from scratch) this search shares
-(search.Search).
+(search.Search). The search's answer is TuNAS's: the architecture the policy ends preferring
+(best.md's first), not the best-rewarded child, whose reward is one noisy batch's.
 
 Every supernet step runs data-parallel over all devices of all processes, with train.py's step,
 recipe and mesh; every process computes every reward alike (a global batch), and process 0 writes.

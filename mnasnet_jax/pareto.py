@@ -3,7 +3,8 @@
 `pareto.png` is the paper's Figure 6 for this search: every evaluated child as accuracy against
 latency, the front of children that no other child beats on both, and the target latency T.
 `latency_histogram.png` shows where the controller spent its samples relative to T. `best.md` lists
-the best children by reward with everything needed to train one in full.
+the best children by reward with everything needed to train one in full, after the architecture the
+strategy's policy prefers, where it has one (TuNAS's answer).
 """
 
 from __future__ import annotations
@@ -182,6 +183,37 @@ def _row(rank, r, on_front):
   )
 
 
+def _policy_answer(records: Sequence[dict], answer: dict, train_config: str) -> list[str]:
+  """best.md's section on the policy's preferred architecture `answer` (search.Search.describe's)."""
+  sampled = [r for r in _ok(records) if r['tokens'] == answer['tokens']]
+  seen = (
+    f'It was sampled as trial {sampled[0]["trial"]} (reward {sampled[0]["reward"]:.4f}).'
+    if sampled
+    else 'It was not sampled as such: its accuracy is not measured.'
+  )
+  lines = [
+    "## The policy's answer",
+    '',
+    "Each decision at the controller's most likely option (TuNAS's answer: the policy averages "
+    "every reward it was told; the table's best child is partly its one measurement's luck). "
+    f'Latency {answer["latency_ms"]:.3f} ms, {answer["params"]:,} parameters, '
+    f'{answer["macs"] / 1e6:.2f} M mult-adds. {seen}',
+    '',
+    'Blocks:',
+    '',
+  ]
+  lines += [f'    {b}' for b in answer['blocks']]
+  return lines + [
+    '',
+    'Train it in full:',
+    '',
+    '```',
+    train_command(train_config, answer['blocks']),
+    '```',
+    '',
+  ]
+
+
 def write_best(
   records: Sequence[dict],
   path: str,
@@ -191,6 +223,7 @@ def write_best(
   train_config: str,
   description: str,
   accuracy: str = PROXY_ACCURACY,
+  policy_answer: dict | None = None,
 ) -> None:
   best = best_records(records, top_k)
   front_trials = {r['trial'] for r in front_records(records)}
@@ -222,6 +255,9 @@ def write_best(
       'Mean reward per controller step: ' + ', '.join(f'{m:.4f}' for _, m in means) + trend + '.',
       '',
     ]
+  if policy_answer is not None:
+    lines += _policy_answer(records, policy_answer, train_config)
+    lines += ['## The best children by reward', '']
   lines += [
     '| rank | trial | step | reward | accuracy (%) | latency (ms) | params | mult-adds (M) '
     '| Pareto |',
@@ -245,8 +281,11 @@ def write_report(
   train_config: str,
   description: str,
   accuracy: str = PROXY_ACCURACY,
+  policy_answer: dict | None = None,
 ) -> dict:
-  """Writes pareto.json, pareto.png, latency_histogram.png and best.md; returns their paths."""
+  """Writes pareto.json, pareto.png, latency_histogram.png and best.md; returns their paths.
+  `policy_answer`: the architecture the strategy's policy prefers, as search.Search.describe gives
+  it (None: a strategy without a policy)."""
   front = front_records(records)
   paths = {
     name: os.path.join(workdir, name)
@@ -264,6 +303,7 @@ def write_report(
       for r in front
     ],
     'best': [r['trial'] for r in best_records(records, top_k)],
+    'policy_answer': policy_answer,
   }
   tmp = paths['pareto.json'] + '.tmp'
   with open(tmp, 'w') as f:
@@ -279,5 +319,6 @@ def write_report(
     train_config=train_config,
     description=description,
     accuracy=accuracy,
+    policy_answer=policy_answer,
   )
   return paths

@@ -422,9 +422,11 @@ class Search:
     """Checkpoints the strategy's state after controller step `step` - 1."""
     self.checkpoints.save(step, args=ocp.args.StandardSave(state))
 
-  def report(self) -> None:
+  def report(self, state) -> None:
+    """Writes the report (pareto.py), with the policy's answer of the strategy's `state`."""
     if not self.is_writer:
       return
+    answer = self.strategy.most_likely(state)
     c = self.config
     description = (
       f'MnasNet search: {c.data.dataset} {self.data.image_size} px, '
@@ -439,6 +441,11 @@ class Search:
       train_config=self.search.train_config,
       description=description,
       accuracy=self.ACCURACY,
+      policy_answer=None
+      if answer is None
+      else {
+        k: v for k, v in self.describe(None, None, answer).items() if k not in ('trial', 'step')
+      },
     )
 
   def run(self):
@@ -498,10 +505,10 @@ class Search:
         eta,
       )
       if self.search.report_every_steps and (step + 1) % self.search.report_every_steps == 0:
-        self.report()
+        self.report(state)
     writer.flush()
     self.checkpoints.wait_until_finished()
-    self.report()
+    self.report(state)
     if self.is_writer:
       logging.info(
         'search done: %d children in %s; report in %s/best.md',

@@ -63,6 +63,27 @@ def test_same_seed_same_samples(strategy, ppo, evolution):
   assert not np.array_equal(first, run(1))
 
 
+def test_policy_answer_is_each_decisions_most_likely_option(ppo, evolution):
+  """PPO's answer is the sequence sampling at a temperature near 0 draws (each option the most
+  likely after the earlier ones); REINFORCE's each row's largest logit; none without a policy."""
+  state = ppo.init(3)
+  for _ in range(3):  # a policy no longer uniform
+    tokens, state = ppo.ask(state, BATCH)
+    state, _ = ppo.tell(state, tokens, (tokens == 2).mean(1))
+  answer = ppo.most_likely(state)
+  assert answer.shape == (len(CHOICES),) and answer.dtype == np.int32
+  cold, _ = controller.sample(state['params'], state['key'], CHOICES, 8, temperature=1e-4)
+  np.testing.assert_array_equal(cold, np.tile(answer, (8, 1)))
+  assert (answer == 2).sum() > (np.asarray(CHOICES) > 2).sum() / 2  # it learnt the rewarded 2s
+  reinforce = make('reinforce')
+  state = reinforce.init(0)
+  state['logits'] = np.random.default_rng(0).normal(size=state['logits'].shape)
+  expected = [int(np.argmax(row[:n])) for row, n in zip(state['logits'], CHOICES)]
+  np.testing.assert_array_equal(reinforce.most_likely(state), expected)
+  assert evolution.most_likely(evolution.init(0)) is None
+  assert make('random').most_likely(make('random').init(0)) is None
+
+
 def test_ppo_update_raises_the_probability_of_a_rewarded_sequence(ppo):
   state = ppo.init(0)
   tokens, state = ppo.ask(state, BATCH)

@@ -104,6 +104,7 @@ def test_reinforce_learns_the_best_token():
   tokens, _ = strategy.ask(state, 200)
   assert (tokens == 1).mean() > 0.8, tokens.mean(0)
   assert np.isfinite(metrics['entropy'])
+  np.testing.assert_array_equal(strategy.most_likely(state), [1, 1, 1])
 
 
 @pytest.mark.slow  # a search each: 14-50 s here at load 5
@@ -122,7 +123,13 @@ def test_search_writes_history_and_report(tmp_path, table, cache, strategy):
   best = open(os.path.join(workdir, 'best.md')).read()
   assert 'configs/train.py:local --config.arch=' in best
   assert 'Accuracy is top-1 of the shared weights' in best
-  assert json.load(open(os.path.join(workdir, 'pareto.json')))
+  summary = json.load(open(os.path.join(workdir, 'pareto.json')))
+  answer = summary['policy_answer']
+  if strategy == 'evolution':  # no policy: the children by reward are the answer
+    assert answer is None and "The policy's answer" not in best
+  else:
+    assert len(answer['tokens']) == len(config.search_space.searched_blocks) * 6
+    assert "The policy's answer" in best and ','.join(answer['blocks']) in best
 
 
 @pytest.mark.slow  # three searches

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from mnasnet_jax import pareto
 
@@ -72,16 +73,21 @@ def _records():
   return out
 
 
-def test_report_files(tmp_path):
-  records = _records()
-  paths = pareto.write_report(
+def _report(records, tmp_path, **kwargs):
+  return pareto.write_report(
     records,
     str(tmp_path),
     target_ms=2.0,
     top_k=3,
     train_config='configs/train.py:local',
     description='test search',
+    **kwargs,
   )
+
+
+def test_report_files(tmp_path):
+  records = _records()
+  paths = _report(records, tmp_path)
   summary = json.load(open(paths['pareto.json']))
   assert summary['children'] == 31 and summary['evaluated'] == 30
   ok = records[:30]
@@ -98,3 +104,26 @@ def test_report_files(tmp_path):
   assert f'| 1 | {top["trial"]} |' in best
   for name in ('pareto.png', 'latency_histogram.png'):
     assert open(paths[name], 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+@pytest.mark.parametrize('sampled', [True, False])
+def test_report_leads_with_the_policys_answer(tmp_path, sampled):
+  records = _records()
+  tokens = [7] if sampled else [99]
+  answer = {
+    'tokens': tokens,
+    'blocks': ['r1_k5_s11_e3_i16_o24', 'r2_k3_s22_e6_i24_o40'],
+    'latency_ms': 1.234,
+    'params': 4321,
+    'macs': 2_500_000,
+  }
+  paths = _report(records, tmp_path, policy_answer=answer)
+  assert json.load(open(paths['pareto.json']))['policy_answer'] == answer
+  best = open(paths['best.md']).read()
+  command = '--config.arch=r1_k5_s11_e3_i16_o24,r2_k3_s22_e6_i24_o40 '
+  assert best.index("## The policy's answer") < best.index(command) < best.index('| rank |')
+  assert 'Latency 1.234 ms, 4,321 parameters, 2.50 M mult-adds.' in best
+  if sampled:
+    assert f'sampled as trial 7 (reward {records[7]["reward"]:.4f})' in best
+  else:
+    assert 'not sampled as such' in best

@@ -173,8 +173,9 @@ def oneshot_config(local: bool):
   # Supernet steps on uniformly drawn children before the first controller step. Locally, children
   # drawn from the whole space stay at chance for about 1,750 steps and only then learn (37.5%
   # training top-1 over steps 2,751-3,000; README, "Search on shared weights"); the whole budget
-  # (warm-up, 120 children of 2 steps, their rewards) took 13 minutes on 2 cores (0.21 s a step),
-  # a supernet step computing every op of every layer at its widest.
+  # (warm-up, 120 children of 2 steps, their rewards) took 13 minutes on 2 Zen 5 cores (0.21 s a
+  # step), 23 on 2 Zen 4 ones (0.38 s), a supernet step computing every op of every layer at its
+  # widest.
   # On ImageNet (300 steps an epoch at batch 4096, 50,000 images held out) the whole is 90 epochs.
   oneshot.warmup_steps = 3000 if local else 7000
   # > 0: over the warm-up's first steps, children mostly the largest (oneshot.warmup_tokens; as

@@ -209,10 +209,12 @@ def multi_trial(workdir: str, seconds: float | None) -> dict:
 
   records = sorted(history.read(os.path.join(workdir, 'history.jsonl')), key=lambda r: r['trial'])
   elapsed = np.cumsum([r['eval_seconds'] for r in records])
+  rewarded = [r for r in records if r['reward']]
+  by_reward = lambda r: r['reward']
   result = {
     'multi_trial_children': len(records),
     'multi_trial_seconds': round(float(elapsed[-1]), 1),
-    'multi_trial_best_reward': max(r['reward'] for r in records if r['reward']),
+    'multi_trial_best_reward': max(rewarded, key=by_reward)['reward'],
   }
   if seconds is not None:
     within = [r for r, t in zip(records, elapsed) if t <= seconds and r['reward']]
@@ -220,14 +222,13 @@ def multi_trial(workdir: str, seconds: float | None) -> dict:
     if elapsed[-1] < seconds:
       logging.warning('the multi-trial search took %.0f s, less than %.0f s', elapsed[-1], seconds)
     if within:
-      best = max(within, key=lambda r: r['reward'])
+      rewarded = within
+      best = max(within, key=by_reward)
       result.update(
         multi_trial_best_reward_at_equal_time=best['reward'],
         multi_trial_best_at_equal_time=[best['accuracy'], best['latency_ms']],
-        multi_trial_best_blocks=best['blocks'],
       )
-  if 'multi_trial_best_blocks' not in result:
-    result['multi_trial_best_blocks'] = max(records, key=lambda r: r['reward'] or -1)['blocks']
+  result['multi_trial_best_blocks'] = max(rewarded, key=by_reward)['blocks']
   return result
 
 
@@ -265,6 +266,7 @@ def main(argv):
 
   from mnasnet_jax import history
   from mnasnet_jax import oneshot
+  from mnasnet_jax import search
   from mnasnet_jax.configs import search as search_config
 
   if _COST.value:
@@ -318,7 +320,7 @@ def main(argv):
     result['shared_accuracy'] = [round(a, 4) for a in shared]
     result['standalone_accuracy'] = [round(a, 4) for a in alone]
 
-  target = searcher.target_ms if multi.reward.target_ms is None else multi.reward.target_ms
+  target = search.target_latency(multi.reward, searcher.table)
   best = max(records, key=lambda r: r['reward'])
   result.update(best_trial=best['trial'], best_shared_accuracy=best['accuracy'])
   answer = searcher.strategy.most_likely(strategy_state)

@@ -118,7 +118,7 @@ def _lstm(params, x, h, c):
 
 def _run(params, choices: tuple, temperature: float, num: int, inputs, mode: str):
   """Runs the controller over every position: 'sample' (inputs: a key per position), 'greedy'
-  (each position's most likely option; inputs: unused keys) or 'score' given tokens (inputs: int32
+  (each position's most likely option; inputs: ignored, one row per position) or 'score' given tokens (inputs: int32
   [T, num]). Returns tokens [num, T], summed log-probs and entropies."""
   offsets = np.concatenate([[1], 1 + np.cumsum(choices)[:-1]]).astype(np.int32)
   valid = np.arange(max(choices))[None, :] < np.asarray(choices)[:, None]
@@ -163,8 +163,8 @@ def sample(params, key, choices: tuple, num: int, temperature: float = 1.0):
 def greedy(params, choices: tuple) -> jnp.ndarray:
   """The policy's greedy sequence, int32 [T]: each decision its most likely option after the
   earlier ones."""
-  keys = jax.random.split(jax.random.PRNGKey(0), len(choices))  # scanned over, not used
-  return _run(params, tuple(choices), 1.0, 1, keys, 'greedy')[0][0]
+  ignored = np.zeros((len(choices), 1), np.int32)
+  return _run(params, tuple(choices), 1.0, 1, ignored, 'greedy')[0][0]
 
 
 def log_prob(params, tokens, choices: tuple, temperature: float = 1.0):

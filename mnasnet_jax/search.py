@@ -166,12 +166,14 @@ class Search:
 
   def describe(self, trial: int, step: int, tokens) -> dict:
     """What every process can say about a child without training it."""
+    return {'trial': trial, 'step': step, **self.architecture_facts(tokens)}
+
+  def architecture_facts(self, tokens) -> dict:
+    """The tokens' blocks, table latency and size."""
     blocks = self.space.decode(tokens)
     arch = self.architecture(blocks)
     size = models.summary(arch, resolution=self.data.image_size, num_classes=self.data.num_classes)
     return {
-      'trial': trial,
-      'step': step,
       'tokens': [int(t) for t in tokens],
       'blocks': blocks,
       'latency_ms': float(self.table.predict(arch)),
@@ -441,11 +443,7 @@ class Search:
       train_config=self.search.train_config,
       description=description,
       accuracy=self.ACCURACY,
-      policy_answer=None
-      if answer is None
-      else {
-        k: v for k, v in self.describe(None, None, answer).items() if k not in ('trial', 'step')
-      },
+      policy_answer=None if answer is None else self.architecture_facts(answer),
     )
 
   def run(self):

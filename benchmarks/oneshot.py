@@ -26,9 +26,9 @@
    knowing only the latency table would answer.
 
 4. `--imagenet_cost`: the ImageNet configurations' cost, from step times measured here at 224 px
-   (`--cost_batch` images a step, the CPU's forms): the one-shot search's supernet steps and
-   reward passes against the multi-trial search's proxy trainings (children drawn uniformly from
-   its space), both as configured (configs/search.py and :oneshot); the measured ratio scales the
+   (`--cost_batch` images a step, the CPU's forms): the multi-trial search's proxy trainings of
+   `--cost_children` children drawn uniformly from its space against the one-shot search's
+   supernet steps and reward passes as the same children, both as configured (configs/search.py and :oneshot); the measured ratio scales the
    paper's 4.5 days on 64 TPUv2 (section 5) into TPUv2-hours. Only the ratio is measured, on a CPU,
    not on a TPU.
 
@@ -124,35 +124,40 @@ def imagenet_cost() -> dict:
   stats = (np.full(3, 120.0, np.float32), np.full(3, 60.0, np.float32))
   data = train.shard_batch(mesh, images, labels)
 
-  def timed(config, model, state_model=None, step=None, extra=()):
-    """Seconds per image of `model`'s train step (`step`, taking `extra` batch arguments first)."""
+  def program_and_state(config, model, state_model=None, step=None, extra_args=0):
+    """`model`'s train step (`step`, taking `extra_args` batch arguments first) and a fresh state."""
     config = config.copy_and_resolve_references()
     config.batch_size = batch
     tx, schedule = train.create_optimizer(config, 300.0)
     state = train.create_state(state_model or model, tx, size, bool(config.ema_decay), 0, mesh)
     program = train.train_program(
-      config, model, tx, schedule, mesh, None, stats, step, 2 + len(extra)
+      config, model, tx, schedule, mesh, None, stats, step, 2 + extra_args
     )
-    return seconds_per_image(program, state, (*extra, *data), batch)
+    return program, state
 
+  drawn = [[int(rng.integers(n)) for n in space.choices] for _ in range(_COST_CHILDREN.value)]
   children = []
-  for _ in range(_COST_CHILDREN.value):
-    blocks = space.decode([int(rng.integers(n)) for n in space.choices])
-    model = train.create_model(multi.proxy, blocks, 1000)
-    children.append(timed(multi.proxy, model)[0])
+  for tokens in drawn:
+    model = train.create_model(multi.proxy, space.decode(tokens), 1000)
+    children.append(seconds_per_image(*program_and_state(multi.proxy, model), data, batch)[0])
     logging.info('child %d: %.4f s an image', len(children), children[-1])
+  # The supernet as each of the same children: a step runs the child's ops (supernet.switch).
   net = supernet.create(single.proxy, space, 1000)
-  tokens = np.zeros((1, len(space.choices)), np.int32)
-  (rows,) = train.shard_batch(mesh, tokens)
-  child = supernet.Child(net, jnp.asarray(tokens[0]))
-  super_train, state = timed(single.proxy, net, child, oneshot.train_step, (rows,))
+  first = supernet.Child(net, jnp.zeros(len(space.choices), jnp.int32))
+  program, state = program_and_state(single.proxy, net, first, oneshot.train_step, 1)
   reward = train.data_parallel(
     functools.partial(oneshot.reward_step, net=net, image_stats=stats), mesh, 4
   )
   mask = train.shard_batch(mesh, np.ones(batch, np.float32))
-  super_reward, _ = seconds_per_image(
-    lambda s, *a: (s, reward(s, *a)), state, (rows, *data, *mask), batch
-  )
+  trains, rewards = [], []
+  for tokens in drawn:
+    (rows,) = train.shard_batch(mesh, np.asarray([tokens], np.int32))
+    seconds, state = seconds_per_image(program, state, (rows, *data), batch)
+    trains.append(seconds)
+    rewards.append(
+      seconds_per_image(lambda s, *a: (s, reward(s, *a)), state, (rows, *data, *mask), batch)[0]
+    )
+  super_train, super_reward = float(np.mean(trains)), float(np.mean(rewards))
   logging.info('supernet: %.4f s an image training, %.4f rewarding', super_train, super_reward)
 
   train_images = input_pipeline.IMAGENET_SIZES['train'] - multi.data.holdout
@@ -169,8 +174,8 @@ def imagenet_cost() -> dict:
   return {
     'cost_batch': batch,
     'child_seconds_per_image': [round(c, 5) for c in children],
-    'supernet_train_seconds_per_image': round(super_train, 5),
-    'supernet_reward_seconds_per_image': round(super_reward, 5),
+    'supernet_train_seconds_per_image': [round(t, 5) for t in trains],
+    'supernet_reward_seconds_per_image': [round(r, 5) for r in rewards],
     'multi_trial_images': multi_images,
     'oneshot_supernet_images': supernet_images,
     'oneshot_epochs': round(supernet_images / train_images, 1),

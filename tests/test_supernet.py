@@ -94,3 +94,41 @@ def test_fixed_choices_compute_the_standalone_child(supernet_and_variables):
       assert scale > 0
       got = ours(variables, train, jnp.asarray(tokens, jnp.int32))
       np.testing.assert_allclose(got, want, atol=2e-5 * scale, rtol=0, err_msg=str(tokens))
+
+
+@pytest.mark.slow  # the supernet's and each child's gradient programs
+def test_fixed_choices_train_as_the_standalone_child(supernet_and_variables):
+  """The supernet's gradients, sliced as `extract` slices weights, are the standalone child's, and
+  every weight outside the child (the ops not chosen, the channels and kernel ring masked) gets none:
+  the shared weights train as the child alone would."""
+  space, net, variables, images = supernet_and_variables
+  probe = jax.random.normal(jax.random.PRNGKey(3), (images.shape[0], 10))
+
+  def gradients(module, variables, *tokens):
+    def loss(params):
+      logits, _ = module.apply(
+        {**variables, 'params': params}, images, *tokens, train=True, mutable=['batch_stats']
+      )
+      return jnp.sum(logits * probe)
+
+    return jax.grad(loss)(variables['params'])
+
+  ours = jax.jit(functools.partial(gradients, net))
+  for tokens in children(space):
+    got = ours(variables, jnp.asarray(tokens, jnp.int32))
+    sliced = {'params': got, 'batch_stats': variables['batch_stats']}
+    model, child_variables = supernet.extract(net, space, sliced, tokens)
+    _, child_variables_now = supernet.extract(net, space, variables, tokens)
+    want = jax.jit(functools.partial(gradients, model))(child_variables_now)
+    flat_got = flax.traverse_util.flatten_dict(child_variables['params'])
+    flat_want = flax.traverse_util.flatten_dict(want)
+    assert flat_got.keys() == flat_want.keys()
+    scale = max(float(jnp.max(jnp.abs(g))) for g in flat_want.values())
+    for path, g in flat_want.items():
+      np.testing.assert_allclose(
+        flat_got[path], g, atol=2e-5 * scale, rtol=0, err_msg=f'{tokens} {path}'
+      )
+    outside = sum(float(jnp.sum(jnp.square(g))) for g in jax.tree.leaves(got)) - sum(
+      float(jnp.sum(jnp.square(g))) for g in flat_got.values()
+    )
+    assert abs(outside) <= 1e-6 * sum(float(jnp.sum(jnp.square(g))) for g in flat_got.values())

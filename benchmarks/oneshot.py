@@ -28,9 +28,9 @@
 4. `--imagenet_cost`: the ImageNet configurations' cost, from step times measured here at 224 px
    (`--cost_batch` images a step, the CPU's forms): the multi-trial search's proxy trainings of
    `--cost_children` children drawn uniformly from its space against the one-shot search's
-   supernet steps and reward passes as the same children, both as configured (configs/search.py and :oneshot); the measured ratio scales the
-   paper's 4.5 days on 64 TPUv2 (section 5) into TPUv2-hours. Only the ratio is measured, on a CPU,
-   not on a TPU.
+   supernet steps and reward passes as the same children, both as configured (configs/search.py
+   and :oneshot); the measured ratio scales the paper's 4.5 days on 64 TPUv2 (section 5) into
+   TPUv2-hours. Only the ratio is measured, on a CPU, not on a TPU.
 
 Standalone trainings take about 20 s each on an idle 2-core VM (compile most of it), so
 `--num_archs=20` adds about 7 minutes, and three answers under 3 seeds 3 more. Each standalone

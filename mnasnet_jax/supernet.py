@@ -250,7 +250,7 @@ class SuperLayer(nn.Module):
     shortcut = resize(pooled, p.out_max)
     if 'pool' in p.skips:
 
-      def projected(module, shortcut):
+      def projected(module, unprojected):  # pylint: disable=unused-argument  (from `pooled`)
         z = bn(pointwise(p.out_max, name='shortcut')(pooled), 'shortcut_bn')
         return channel_mask(z, out_w)
 

@@ -1,23 +1,27 @@
 """Per-device memory of the proxy's train step, before and after micro-batching, by XLA's analysis.
 
-    python benchmarks/memory.py [--hosts=4,8] [--budgets_gib=16,32] [--archs=widest,mobilenet_v2]
+    python benchmarks/memory.py [--hosts=4,8] [--budgets_gib=16,32]
+        [--archs=widest,mobilenet_v2,supernet]
 
 The paper's proxy batch (configs/search.py: 4096 images) on one host's chips is 1024 images per
 chip on a 4-chip host and 512 on an 8-chip one. For the default search space's widest child (every
-searched block at its widest option of each decision, read from the space's config) and for
-MobileNetV2, at 224 px in bfloat16 with the native forms a TPU runs, this prints the per-device
-bytes of the compiled train step (arguments, outputs and temporaries: memory.program_bytes):
+searched block at its widest option of each decision, read from the space's config), for
+MobileNetV2 and for the one-shot search's supernet (configs/search.py:oneshot trains it at the same
+batch, the child's choices entering its step as data: oneshot.train_step), at 224 px in bfloat16
+with the native forms a TPU runs, this prints the per-device bytes of the compiled train step
+(arguments, outputs and temporaries: memory.program_bytes):
 
 * before: the whole per-device batch in one pass, BatchNorm over the whole global batch;
 * after: the micro-batch memory.fit chooses against each budget (16 GiB: a v5e chip, 32 GiB: v4),
   BatchNorm over groups of 128 images (the official recipe's per-core statistics).
 
 Everything is lowered from shapes alone; the host's chips are CPU devices, whose compiler's memory
-analysis stands in for the TPU's (XLA:CPU schedules rematerialised activations so that they save
-nothing: memory.fit finds so and goes on without). Compiles are cached on disk for the run, so the
-budgets share the compiles they have in common; the whole run compiles about 20 programs, half an
-hour on 2 busy cores (`--archs=mobilenet_v2 --hosts=8`: 4 programs, a few minutes). The last line
-printed is one JSON object.
+analysis stands in for the TPU's (for the children XLA:CPU schedules rematerialised activations so
+that they save nothing: memory.fit finds so and goes on without; for the supernet they save more
+than half). Compiles are cached on disk for the run, so the budgets share the compiles they have in
+common; the whole run compiles about 30 programs, most of an hour on 2 busy cores
+(`--archs=mobilenet_v2 --hosts=8`: 4 programs, a few minutes; `--archs=supernet`: 18 minutes). The
+last line printed is one JSON object.
 """
 
 import concurrent.futures
@@ -38,8 +42,10 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from mnasnet_jax import memory  # noqa: E402
+from mnasnet_jax import oneshot  # noqa: E402
 from mnasnet_jax import platform  # noqa: E402
 from mnasnet_jax import search_space as search_space_lib  # noqa: E402
+from mnasnet_jax import supernet  # noqa: E402
 from mnasnet_jax import train  # noqa: E402
 from mnasnet_jax.configs import search as search_config  # noqa: E402
 
@@ -47,8 +53,9 @@ _HOSTS = flags.DEFINE_list('hosts', ['4', '8'], 'Chips per host.')
 _BUDGETS = flags.DEFINE_list('budgets_gib', ['16', '32'], 'Per-chip memory budgets (GiB).')
 _ARCHS = flags.DEFINE_list(
   'archs',
-  ['widest', 'mobilenet_v2'],
-  '"widest" (the search space\'s widest child) or named architectures.',
+  ['widest', 'mobilenet_v2', 'supernet'],
+  '"widest" (the search space\'s widest child), "supernet" (the one-shot search\'s) or named '
+  'architectures.',
 )
 _RESOLUTION = flags.DEFINE_integer('resolution', 224, 'Image size.')
 _GROUP = flags.DEFINE_integer('bn_group_size', 128, 'Images per BN statistic after.')
@@ -80,8 +87,9 @@ def widest_child(space: search_space_lib.SearchSpace) -> list[str]:
   )
 
 
-def measure(arch, blocks, chips: int, proxy) -> dict:
-  """Before and after for one architecture on a host of `chips` chips."""
+def measure(arch, blocks, chips: int, proxy, space) -> dict:
+  """Before and after for one architecture (`blocks`; None: the supernet of `space`) on a host of
+  `chips` chips."""
   mesh = platform.data_mesh(jax.devices()[:chips])
   batch = proxy.batch_size
   config = proxy.copy_and_resolve_references()
@@ -93,16 +101,26 @@ def measure(arch, blocks, chips: int, proxy) -> dict:
     jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32, sharding=split),
     jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=split),
   ]
+  step = None
+  if blocks is None:  # the child's tokens come first
+    tokens = jax.ShapeDtypeStruct((chips, len(space.choices)), jnp.int32, sharding=split)
+    batch_shapes, step = [tokens, *batch_shapes], oneshot.train_step
   result = {'arch': arch, 'chips': chips, 'per_chip': batch // chips}
 
   def fit(group_size, budget_gib):
     config.bn_group_size, config.device_memory_gib = group_size, budget_gib
-    model = train.create_model(config, blocks, 1000).clone(batch_norm='autodiff')
-    make_state = functools.partial(train.create_state, model, tx, size, bool(config.ema_decay), 0)
+    if blocks is None:
+      model = supernet.create(config, space, 1000).clone(batch_norm='autodiff')
+      child = supernet.Child(model, jnp.zeros(len(space.choices), jnp.int32))
+    else:
+      model = child = train.create_model(config, blocks, 1000).clone(batch_norm='autodiff')
+    make_state = functools.partial(train.create_state, child, tx, size, bool(config.ema_decay), 0)
     state = train.abstract_state(make_state, mesh)
     start = time.perf_counter()
     try:
-      fitted = train.fit_train_step(config, model, tx, schedule, mesh, state, batch_shapes)
+      fitted = train.fit_train_step(
+        config, model, tx, schedule, mesh, state, batch_shapes, step=step
+      )
     except memory.DoesNotFit as e:
       return {'fits': False, 'reason': str(e), 'seconds': round(time.perf_counter() - start)}
     return {
@@ -124,14 +142,21 @@ def main(argv):
   jax.config.update('jax_compilation_cache_dir', tempfile.mkdtemp(prefix='memory_benchmark_'))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
   config = search_config.get_config()
+  oneshot_proxy = search_config.get_config('oneshot').proxy
   space = search_space_lib.SearchSpace(config.search_space)
-  archs = {name: widest_child(space) if name == 'widest' else name for name in _ARCHS.value}
+  archs = {
+    name: {'widest': widest_child(space), 'supernet': None}.get(name, name) for name in _ARCHS.value
+  }
   if 'widest' in archs:
     print('widest child:', ','.join(archs['widest']), flush=True)
-  jobs = [(name, blocks, int(chips)) for name, blocks in archs.items() for chips in _HOSTS.value]
+  jobs = [
+    (name, blocks, int(chips), oneshot_proxy if blocks is None else config.proxy, space)
+    for name, blocks in archs.items()
+    for chips in _HOSTS.value
+  ]
   start = time.perf_counter()
   with concurrent.futures.ThreadPoolExecutor(_THREADS.value) as pool:
-    results = list(pool.map(lambda job: measure(*job, config.proxy), jobs))
+    results = list(pool.map(lambda job: measure(*job), jobs))
   describe = lambda v: (
     f'{v["gib"]} GiB at micro-batch {v["micro_batch"]}{" with remat" if v["remat"] else ""}'
     if 'gib' in v

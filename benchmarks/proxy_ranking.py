@@ -226,6 +226,8 @@ def main(argv):
     if unknown:
       raise app.UsageError(f'unknown --{flag.name} {unknown}: expected some of {sorted(known)}')
   os.makedirs(_WORKDIR.value, exist_ok=True)
+  # Each architecture's seeds and variants train the same programs: compiled once, as the search's.
+  search_lib.enable_compilation_cache(config.search, _WORKDIR.value)
   path = os.path.join(_WORKDIR.value, 'results.jsonl')
   space = search_space.SearchSpace(config.search_space)
   table = search_lib.load_table(config.latency.table)

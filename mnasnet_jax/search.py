@@ -38,6 +38,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
+from mnasnet_jax import checkpoints
 from mnasnet_jax import controller
 from mnasnet_jax import errors
 from mnasnet_jax import history as history_lib
@@ -150,11 +151,8 @@ class Search:
     self.history = history_lib.History(
       os.path.join(workdir, 'history.jsonl'), writable=self.is_writer
     )
-    self.checkpoints = ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), 'checkpoints'),
-      options=ocp.CheckpointManagerOptions(
-        max_to_keep=self.search.keep_checkpoints, enable_async_checkpointing=False
-      ),
+    self.checkpoints = checkpoints.manager(
+      workdir, max_to_keep=self.search.keep_checkpoints, enable_async_checkpointing=False
     )
     self.consecutive_failures = 0
     self.best_reward = -math.inf

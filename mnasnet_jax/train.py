@@ -642,6 +642,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   from clu import periodic_actions
   import orbax.checkpoint as ocp
 
+  from mnasnet_jax import checkpoints
+
   if not workdir:
     raise errors.UserError('the train job needs --workdir=DIR for its checkpoints and metrics')
   workdir = os.path.abspath(workdir)
@@ -657,11 +659,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   data = input_pipeline.create(config.data, config.data.split, process_index, process_count)
   steps_per_epoch = data.num_train / config.batch_size  # a float, as the official code's
   total_steps = num_steps(config, steps_per_epoch)
-  manager = ocp.CheckpointManager(
-    os.path.join(workdir, 'checkpoints'),
-    options=ocp.CheckpointManagerOptions(
-      max_to_keep=config.checkpoints_to_keep, save_interval_steps=config.checkpoint_every_steps
-    ),
+  manager = checkpoints.manager(
+    workdir,
+    max_to_keep=config.checkpoints_to_keep,
+    save_interval_steps=config.checkpoint_every_steps,
   )
   definition, loaded = start_from(
     config, workdir, arch, data.num_classes, manager.latest_step() is not None, init_checkpoint

@@ -203,6 +203,8 @@ def run(config, workdir):
   from clu import periodic_actions
   import orbax.checkpoint as ocp
 
+  from mnasnet_jax import checkpoints
+
   if not workdir:
     raise errors.UserError('the detect job needs --workdir=DIR for its checkpoints and metrics')
   workdir = os.path.abspath(workdir)
@@ -214,11 +216,10 @@ def run(config, workdir):
   data = data_lib.create(config.data, config.resolution, process_index, process_count)
   steps_per_epoch = data.num_train / config.batch_size
   total_steps = train.num_steps(config, steps_per_epoch)
-  manager = ocp.CheckpointManager(
-    os.path.join(workdir, 'checkpoints'),
-    options=ocp.CheckpointManagerOptions(
-      max_to_keep=config.checkpoints_to_keep, save_interval_steps=config.checkpoint_every_steps
-    ),
+  manager = checkpoints.manager(
+    workdir,
+    max_to_keep=config.checkpoints_to_keep,
+    save_interval_steps=config.checkpoint_every_steps,
   )
   definition, initial = backbone_start(
     config,

@@ -21,9 +21,10 @@ ocp.type_handlers.register_type_handler(
 )
 
 
-def manager(workdir: str, **options) -> ocp.CheckpointManager:
+def manager(workdir: str, item_handlers=None, **options) -> ocp.CheckpointManager:
   """The checkpoints of the job in `workdir`, with ocp.CheckpointManagerOptions(**options)."""
   return ocp.CheckpointManager(
     os.path.join(os.path.abspath(workdir), 'checkpoints'),
     options=ocp.CheckpointManagerOptions(**options),
+    item_handlers=item_handlers,
   )

@@ -799,12 +799,13 @@ def restore_variables(workdir: str, use_ema: bool = True) -> dict:
   another job's processes may not have)."""
   import orbax.checkpoint as ocp
 
-  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
-  manager = ocp.CheckpointManager(directory, item_handlers=ocp.StandardCheckpointHandler())
+  from mnasnet_jax import checkpoints
+
+  manager = checkpoints.manager(workdir, item_handlers=ocp.StandardCheckpointHandler())
   step = manager.latest_step()
   if step is None:
     raise errors.UserError(
-      f'no training checkpoint in {directory}: expected the --workdir of a '
+      f'no training checkpoint in {manager.directory}: expected the --workdir of a '
       f'configs/train.py run (run it with --workdir={workdir} first)'
     )
   replicated = NamedSharding(platform.data_mesh(), P())

@@ -274,8 +274,8 @@ MULTI_HOST_CASES = [
 ]
 # The searches that several hosts run are run here as 2 processes alone, over the same 8 devices
 # and forms: the one-process search loop on 8 devices is ':local''s case (and tests/test_oneshot.py's
-# for the supernet), and the ImageNet proxy's 4,096 images on one process's 8 devices are
-# benchmarks/memory.py's README command (these cases took 121 s and 148 s of the suite).
+# for the supernet), and the ImageNet proxy's step of 4,096 images on one process's 8 devices is
+# compiled by benchmarks/memory.py's README command (these cases took 121 s and 148 s of the suite).
 ONE_HOST_CASES = [n for n in CASES if n not in ('search', 'oneshot:local')]
 
 

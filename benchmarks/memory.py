@@ -139,8 +139,14 @@ def measure(arch, blocks, chips: int, proxy, space) -> dict:
 def main(argv):
   del argv
   # The budgets' fits compile some of the same programs: a disk cache for this run shares them.
-  jax.config.update('jax_compilation_cache_dir', tempfile.mkdtemp(prefix='memory_benchmark_'))
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+  with tempfile.TemporaryDirectory(prefix='memory_benchmark_') as cache:
+    jax.config.update('jax_compilation_cache_dir', cache)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+    report()
+
+
+def report():
+  """Each architecture's fit on each host size, before and after the budgets, printed."""
   config = search_config.get_config()
   oneshot_proxy = search_config.get_config('oneshot').proxy
   space = search_space_lib.SearchSpace(config.search_space)

@@ -130,9 +130,10 @@ def create_state(
   """Initial state, computed where it lives: replicated on `mesh` (else on the default device) by
   one jitted program, which every process runs alike, so no host copy is placed and none is checked
   across hosts. `initial` ({variable path: array}, from `initial_variables`) replaces the fresh
-  values of the variables it names."""
+  values of the variables it names. The seed enters as data, so one program (and one entry of
+  the compilation cache) serves every seed, with the values a constant seed gives."""
 
-  def init(initial):
+  def init(initial, seed):
     init_key, rng = jax.random.split(jax.random.key(seed, impl=RNG_IMPL))
     variables = model.init(init_key, jnp.zeros((1, image_size, image_size, 3)))
     variables = flax.traverse_util.unflatten_dict(
@@ -151,7 +152,7 @@ def create_state(
     )
 
   return jax.jit(init, out_shardings=None if mesh is None else NamedSharding(mesh, P()))(
-    initial or {}
+    initial or {}, seed
   )
 
 

@@ -32,6 +32,7 @@ def test_notebook_runs_end_to_end_as_on_one_tpu_chip(tmp_path, monkeypatch):
       PROXY_STEPS=2,
       EVAL_EXAMPLES=100,
       TRAIN_STEPS=2,
+      TEST_EXAMPLES=100,
       DEPTHWISE='native',
       CONV='native',
       DTYPE='bfloat16',

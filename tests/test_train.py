@@ -94,6 +94,33 @@ def test_shard_map_equals_pmap_and_one_device():
   assert min(jax.tree.leaves(moved)) > 0
 
 
+def test_one_initialisation_program_serves_every_seed(tmp_path):
+  """The seed is data: a second seed hits the compilation cache, with a constant seed's values."""
+  from jax.experimental.compilation_cache import compilation_cache
+
+  config = _train_config()
+  model = train.create_model(config, config.arch, 4)
+  tx, _ = train.create_optimizer(config, steps_per_epoch=8)
+  hits = []
+  count = lambda event, **kwargs: hits.append(event == '/jax/compilation_cache/cache_hits')
+  jax.monitoring.register_event_listener(count)
+  jax.config.update('jax_compilation_cache_dir', str(tmp_path))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+  compilation_cache.reset_cache()
+  try:
+    states = [jax.device_get(train.create_state(model, tx, 16, True, seed)) for seed in (0, 1)]
+  finally:
+    jax.monitoring.unregister_event_listener(count)
+    jax.config.update('jax_compilation_cache_dir', None)
+    compilation_cache.reset_cache()
+  assert sum(hits) == 1  # the second seed's
+  key = jax.random.split(jax.random.key(1, impl=train.RNG_IMPL))[0]
+  constant = jax.jit(lambda: model.init(key, jnp.zeros((1, 16, 16, 3))))()
+  for got, want in zip(jax.tree.leaves(states[1].params), jax.tree.leaves(constant['params'])):
+    np.testing.assert_array_equal(got, want)
+  assert not all(map(np.array_equal, *(jax.tree.leaves(s.params) for s in states)))
+
+
 def test_recalibrated_statistics_are_the_batches_own_on_8_devices():
   config = _train_config(bn_group_size=8)  # 4 images per device: a group spans 2 devices
   mesh, model, tx, schedule, state = _setup(config, jax.devices())

@@ -103,15 +103,21 @@ def test_one_initialisation_program_serves_every_seed(tmp_path):
   tx, _ = train.create_optimizer(config, steps_per_epoch=8)
   hits = []
   count = lambda event, **kwargs: hits.append(event == '/jax/compilation_cache/cache_hits')
+  settings = {
+    'jax_compilation_cache_dir': str(tmp_path),
+    'jax_persistent_cache_min_compile_time_secs': 0,
+  }
+  before = {name: getattr(jax.config, name) for name in settings}
   jax.monitoring.register_event_listener(count)
-  jax.config.update('jax_compilation_cache_dir', str(tmp_path))
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+  for name, value in settings.items():
+    jax.config.update(name, value)
   compilation_cache.reset_cache()
   try:
     states = [jax.device_get(train.create_state(model, tx, 16, True, seed)) for seed in (0, 1)]
   finally:
     jax.monitoring.unregister_event_listener(count)
-    jax.config.update('jax_compilation_cache_dir', None)
+    for name, value in before.items():
+      jax.config.update(name, value)
     compilation_cache.reset_cache()
   assert sum(hits) == 1  # the second seed's
   key = jax.random.split(jax.random.key(1, impl=train.RNG_IMPL))[0]

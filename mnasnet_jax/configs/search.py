@@ -221,8 +221,9 @@ def oneshot_search(config, local: bool):
   # Locally, 480 children train the policy further (replayed against one finished search's frozen
   # supernet, 3 seeds: its answers' shared-weights reward 0.677, after 240 0.628), but three
   # searches of 480 answered architectures that retrained no better than three of 240: mean
-  # rewards over five training seeds 0.779, 0.790, 0.732 against 0.786, 0.766, 0.811 (README,
-  # "Search on shared weights").
+  # rewards over five training seeds 0.779, 0.790, 0.732 against 0.786, 0.766, 0.811, and two
+  # more (search seeds 3, 4) 0.713, 0.772 against 0.678, 0.775 (README, "Search on shared
+  # weights").
   config.search.num_children = 240 if local else 4000
   config.search.children_per_step = 8 if local else 64
   config.search.report_every_steps = 5 if local else 25

@@ -12,8 +12,9 @@
    architecture proxy-trained standalone with the multi-trial local search's recipe
    (`configs/search.py:local`'s proxy, the same held-out images). Prints Kendall's tau and
    Spearman's rho between the two.
-3. The answer: the one-shot search's policy's answer (the controller's most likely architecture,
-   TuNAS's) and, for comparison, its best-rewarded child, each proxy-trained standalone with the
+3. The answer: the one-shot search's answer (the best of its finalists, trained alone in the
+   search) and, for comparison, its policy's answer (the controller's most likely architecture,
+   TuNAS's) and best-rewarded child (`--best_rewarded`), each proxy-trained standalone with the
    multi-trial search's budget under `--seeds` seeds (0, 1, ...), and their rewards under the
    multi-trial search's reward. Against `--multi_trial`'s history (a workdir of
    `configs/search.py:local`) when given: its best reward over all its children, and over those it
@@ -60,6 +61,9 @@ _NUM = flags.DEFINE_integer('num_archs', 20, 'Architectures for the rank correla
 _SKIP = flags.DEFINE_bool('skip_search', False, 'Use the search in WORKDIR/search as it stands.')
 _SEED = flags.DEFINE_integer('seed', 1, 'Seed of the uniformly drawn architectures.')
 _SEEDS = flags.DEFINE_integer('seeds', 3, 'Training seeds each answer is retrained under.')
+_BEST_REWARDED = flags.DEFINE_bool(
+  'best_rewarded', True, "Retrain the search's best-rewarded child too."
+)
 _SEARCH_SEED = flags.DEFINE_integer(
   'search_seed', 0, "The one-shot search's config.search.seed and train_seed."
 )
@@ -168,8 +172,11 @@ def imagenet_cost() -> dict:
     o.warmup_steps + single.search.num_children * o.train_steps_per_child
   )
   reward_images = single.search.num_children * o.eval_batches * o.eval_batch_size
+  finalist_images = o.finalists * o.finalist_proxy.num_epochs * train_images
   multi_seconds = multi_images * child_seconds
-  single_seconds = supernet_images * super_train + reward_images * super_reward
+  single_seconds = (
+    supernet_images * super_train + reward_images * super_reward + finalist_images * child_seconds
+  )
   ratio = single_seconds / multi_seconds
   return {
     'cost_batch': batch,
@@ -180,6 +187,7 @@ def imagenet_cost() -> dict:
     'oneshot_supernet_images': supernet_images,
     'oneshot_epochs': round(supernet_images / train_images, 1),
     'oneshot_reward_images': reward_images,
+    'oneshot_finalist_images': finalist_images,
     'cost_ratio': round(ratio, 5),
     'paper_tpuv2_hours': PAPER_TPU_HOURS,
     'oneshot_tpuv2_hours_estimate': round(ratio * PAPER_TPU_HOURS, 1),
@@ -329,9 +337,16 @@ def main(argv):
   best = max(records, key=lambda r: r['reward'])
   result.update(best_trial=best['trial'], best_shared_accuracy=best['accuracy'])
   answer = searcher.strategy.most_likely(strategy_state)
-  answers = {'best_rewarded': best['blocks']}
+  answers = {}
+  with open(os.path.join(search_dir, 'pareto.json')) as f:
+    finalists = json.load(f).get('finalists')
+  if finalists:  # by reward, the answer first
+    answers['answer'] = finalists[0]['blocks']
+    result['finalist_rewards'] = [round(r['reward'], 4) for r in finalists]
   if answer is not None:
-    answers = {'policy_answer': searcher.space.decode(answer), **answers}
+    answers['policy_answer'] = searcher.space.decode(answer)
+  if _BEST_REWARDED.value:
+    answers['best_rewarded'] = best['blocks']
   if _MULTI.value:
     result.update(multi_trial(_MULTI.value, result.get('search_wall_seconds')))
     answers['multi_trial_best'] = result.pop('multi_trial_best_blocks')
@@ -341,10 +356,12 @@ def main(argv):
     result[f'{name}_blocks'] = blocks
     latency_ms = float(searcher.table.predict(searcher.architecture(blocks)))
     result.update(retrained(cache_path, multi, blocks, data, name, latency_ms, target))
-  if answer is not None and _MULTI.value:
-    result['policy_answer_reaches_multi_trial'] = bool(
-      result['policy_answer_mean_reward'] >= result['multi_trial_best_mean_reward']
-    )
+  if _MULTI.value:
+    for name in ('answer', 'policy_answer'):
+      if name in answers:
+        result[f'{name}_reaches_multi_trial'] = bool(
+          result[f'{name}_mean_reward'] >= result['multi_trial_best_mean_reward']
+        )
   print(json.dumps(result))
 
 

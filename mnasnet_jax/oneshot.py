@@ -11,8 +11,17 @@ each batch itself: the running ones average over every child trained) with the l
 latency, by reward.py's rewards. After `children_per_step` children the strategy is told their
 rewards, as in the multi-trial search, whose loop, history, TensorBoard scalars, Pareto report and
 `best.md` (whose commands retrain a child standalone from scratch) this search shares
-(search.Search). The search's answer is TuNAS's: the architecture the policy ends preferring
-(best.md's first), not the best-rewarded child, whose reward is one noisy batch's.
+(search.Search).
+
+The answer. TuNAS answers the architecture the policy ends preferring, not the best-rewarded child,
+whose reward is one noisy batch's. But shared weights judge how good trained shared weights are,
+not how fast a child trains from scratch, which is what the multi-trial search's proxy rewards
+(README, "Search on shared weights"). So the search ends with `config.oneshot.finalists`
+children, the policy's answer first, then the next distinct children the strategy samples, each
+trained alone as the multi-trial search trains a child (`config.oneshot.finalist_proxy`, its
+proxy recipe), recorded in `finalists.jsonl`; the best of them by reward is the answer (best.md's
+first), as DARTS (Liu et al. 2019) picks among its four searches' cells by a short training from
+scratch.
 
 Every supernet step runs data-parallel over all devices of all processes, with train.py's step,
 recipe and mesh; every process computes every reward alike (a global batch), and process 0 writes.
@@ -21,12 +30,13 @@ position (the training batches are a function of the step): during the warm-up e
 `checkpoint_every_steps` steps, then after each controller step. A search killed at any moment and
 run again resumes from the last checkpoint, trains the children of the unfinished controller step
 again (so the supernet is what an uninterrupted run has) and takes the rewards already in the
-history for those it recorded.
+history for those it recorded. The finalists resume as the children of a step do.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import time
 
 from absl import logging
@@ -38,6 +48,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from mnasnet_jax import errors
+from mnasnet_jax import history as history_lib
 from mnasnet_jax import input_pipeline
 from mnasnet_jax import memory
 from mnasnet_jax import platform
@@ -86,6 +97,19 @@ def warmup_tokens(space, seed: int, step: int, largest_first_steps: int) -> np.n
   return tokens
 
 
+def finalist_tokens(strategy, state, num: int) -> list[np.ndarray]:
+  """Up to `num` distinct children: the policy's answer, where the strategy has a policy, then
+  those the strategy samples next from its final `state` (as many as it gives in 4 * `num`
+  samples: a policy that has settled gives fewer)."""
+  answer = strategy.most_likely(state)
+  found = [] if answer is None else [answer]
+  sampled, _ = strategy.ask(state, 4 * num)
+  for tokens in sampled:
+    if len(found) < num and not any(np.array_equal(tokens, f) for f in found):
+      found.append(np.asarray(tokens, np.int32))
+  return found[:num]
+
+
 def step_number(step: int) -> np.ndarray:
   """A step as checkpoints hold it: a 0-d array (Orbax restores no NumPy scalar, np.int32(0): a
   template holding one fails as if the checkpoint were unreadable)."""
@@ -106,7 +130,7 @@ class OneShotSearch(search.Search):
     for key in ('train_steps_per_child', 'eval_batches', 'checkpoint_every_steps'):
       if o[key] < 1:
         raise errors.UserError(f'config.oneshot.{key} = {o[key]}: expected at least 1')
-    for key in ('warmup_steps', 'largest_first_steps'):
+    for key in ('warmup_steps', 'largest_first_steps', 'finalists'):
       if o[key] < 0:
         raise errors.UserError(f'config.oneshot.{key} = {o[key]}: expected >= 0')
     if config.proxy.ema_decay:
@@ -114,6 +138,11 @@ class OneShotSearch(search.Search):
         f'config.proxy.ema_decay = {config.proxy.ema_decay}: the one-shot search keeps no '
         'moving average (the shared weights serve another child every step); expected 0'
       )
+    # The finalists train as the multi-trial search's children do (on the whole data, as set).
+    self.child_proxy = o.finalist_proxy
+    self.finalist_history = history_lib.History(
+      os.path.join(workdir, 'finalists.jsonl'), writable=self.is_writer
+    )
     if self.process_count > 1:  # one data-parallel training: each process reads its own part
       self.data = input_pipeline.create_proxy_data(
         config.data, self.process_index, self.process_count
@@ -278,7 +307,7 @@ class OneShotSearch(search.Search):
     not measured again."""
     first = step * self.search.children_per_step
     children = [self.describe(first + c, step, t) for c, t in enumerate(tokens)]
-    known, rewards = self.recorded(step, children)
+    known, rewards = self.recorded(children, self.history)
     for c, child in enumerate(children):
       start = time.perf_counter()
       self.train_on(child['tokens'], self.oneshot.train_steps_per_child)
@@ -300,6 +329,25 @@ class OneShotSearch(search.Search):
       self.history.append(record)
       rewards[c] = record['reward']
     return rewards
+
+  # --- the answer -------------------------------------------------------------------------------
+
+  def conclude(self, state) -> None:
+    """Trains the finalists of the strategy's final `state` alone (module docstring)."""
+    num = self.oneshot.finalists
+    if not num:
+      return
+    tokens = finalist_tokens(self.strategy, state, num)
+    logging.info(
+      'finalists: %d children, each trained alone as the multi-trial search trains one; the best '
+      'by reward is the answer',
+      len(tokens),
+    )
+    children = [self.describe(trial, self.num_steps, t) for trial, t in enumerate(tokens)]
+    self.train_children(children, self.finalist_history)
+
+  def finalists(self) -> list[dict] | None:
+    return self.finalist_history.records if self.oneshot.finalists else None
 
 
 def run(config, workdir: str):

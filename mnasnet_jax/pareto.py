@@ -4,7 +4,8 @@
 latency, the front of children that no other child beats on both, and the target latency T.
 `latency_histogram.png` shows where the controller spent its samples relative to T. `best.md` lists
 the best children by reward with everything needed to train one in full, after the architecture the
-strategy's policy prefers, where it has one (TuNAS's answer).
+strategy's policy prefers, where it has one (TuNAS's answer), and after a search on shared weights
+its finalists, trained alone, the best of them its answer.
 """
 
 from __future__ import annotations
@@ -214,6 +215,40 @@ def _policy_answer(records: Sequence[dict], answer: dict, train_config: str) -> 
   ]
 
 
+def _finalists(finalists: Sequence[dict], train_config: str) -> list[str]:
+  """best.md's section on the children trained alone after a search on shared weights: the best
+  of them by reward is the search's answer."""
+  ranked = best_records(finalists, len(finalists))
+  lines = [
+    "## The answer: the best of the search's finalists, each trained alone",
+    '',
+    f"{len(finalists)} children: the policy's answer, where the strategy has a policy, and the "
+    'next distinct children the strategy samples, each proxy-trained alone as the multi-trial '
+    f'search trains a child (accuracy: {PROXY_ACCURACY}). Shared weights cannot tell how fast a '
+    'child trains from scratch.',
+    '',
+    '| rank | finalist | reward | accuracy (%) | latency (ms) | params | mult-adds (M) | status |',
+    '|---:|---:|---:|---:|---:|---:|---:|:---|',
+  ]
+  lines += [
+    f'| {i + 1} | {r["trial"]} | {r["reward"]:.4f} | {100 * r["accuracy"]:.2f} | '
+    f'{r["latency_ms"]:.3f} | {r["params"]:,} | {r["macs"] / 1e6:.2f} | ok |'
+    for i, r in enumerate(ranked)
+  ]
+  lines += [
+    f'| | {r["trial"]} | | | {r["latency_ms"]:.3f} | {r["params"]:,} | {r["macs"] / 1e6:.2f} '
+    f'| {r["status"]}: {r["reason"]} |'
+    for r in finalists
+    if r not in ranked
+  ]
+  if ranked:
+    lines += ['', f'The answer, finalist {ranked[0]["trial"]}:', '', 'Blocks:', '']
+    lines += [f'    {b}' for b in ranked[0]['blocks']]
+    lines += ['', 'Train it in full:', '', '```', train_command(train_config, ranked[0]['blocks'])]
+    lines += ['```']
+  return lines + ['']
+
+
 def write_best(
   records: Sequence[dict],
   path: str,
@@ -224,6 +259,7 @@ def write_best(
   description: str,
   accuracy: str = PROXY_ACCURACY,
   policy_answer: dict | None = None,
+  finalists: Sequence[dict] | None = None,
 ) -> None:
   best = best_records(records, top_k)
   front_trials = {r['trial'] for r in front_records(records)}
@@ -255,8 +291,11 @@ def write_best(
       'Mean reward per controller step: ' + ', '.join(f'{m:.4f}' for _, m in means) + trend + '.',
       '',
     ]
+  if finalists:
+    lines += _finalists(finalists, train_config)
   if policy_answer is not None:
     lines += _policy_answer(records, policy_answer, train_config)
+  if finalists or policy_answer is not None:
     lines += ['## The best children by reward', '']
   lines += [
     '| rank | trial | step | reward | accuracy (%) | latency (ms) | params | mult-adds (M) '
@@ -282,10 +321,13 @@ def write_report(
   description: str,
   accuracy: str = PROXY_ACCURACY,
   policy_answer: dict | None = None,
+  finalists: Sequence[dict] | None = None,
 ) -> dict:
   """Writes pareto.json, pareto.png, latency_histogram.png and best.md; returns their paths.
   `policy_answer`: the architecture the strategy's policy prefers, as search.Search.describe gives
-  it (None: a strategy without a policy)."""
+  it (None: a strategy without a policy). `finalists`: the records of children trained alone after
+  a search on shared weights (their accuracy is a proxy training's, not `accuracy`), the best
+  of them by reward the search's answer."""
   front = front_records(records)
   paths = {
     name: os.path.join(workdir, name)
@@ -305,6 +347,11 @@ def write_report(
     'best': [r['trial'] for r in best_records(records, top_k)],
     'policy_answer': policy_answer,
   }
+  if finalists is not None:  # by reward: the first is the answer
+    summary['finalists'] = [
+      {k: r[k] for k in ('trial', 'accuracy', 'latency_ms', 'reward', 'blocks', 'tokens')}
+      for r in best_records(finalists, len(finalists))
+    ]
   tmp = paths['pareto.json'] + '.tmp'
   with open(tmp, 'w') as f:
     json.dump(summary, f, indent=1)
@@ -320,5 +367,6 @@ def write_report(
     description=description,
     accuracy=accuracy,
     policy_answer=policy_answer,
+    finalists=finalists,
   )
   return paths

@@ -156,6 +156,8 @@ class Search:
     )
     self.consecutive_failures = 0
     self.best_reward = -math.inf
+    # What a child is trained with alone (the one-shot search's finalists take the same path).
+    self.child_proxy, self.child_data = config.proxy, data
 
   # --- one child ------------------------------------------------------------------------------
 
@@ -191,9 +193,9 @@ class Search:
     }
     try:
       result = train.proxy_train(
-        self.config.proxy,
+        self.child_proxy,
         self.architecture(child['blocks']),
-        self.data,
+        self.child_data,
         seed=self.search.train_seed + child['trial'],
         devices=jax.local_devices(),
       )
@@ -238,14 +240,15 @@ class Search:
       self.search.children_per_step, self.search.num_children - step * self.search.children_per_step
     )
 
-  def recorded(self, step: int, children: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """(already recorded?, their rewards; NaN: none) for the step's children, as process 0's
-    history says."""
+  def recorded(self, children: list[dict], history) -> tuple[np.ndarray, np.ndarray]:
+    """(already recorded?, their rewards; NaN: none) for `children` (one step's), as process 0's
+    `history` says."""
     n = len(children)
+    step = children[0]['step']
     known = np.zeros(n, np.int32)
     rewards = np.zeros(n, np.float32)
     mismatch = np.zeros(n, np.int32)
-    for record in self.history.step_records(step):
+    for record in history.step_records(step):
       c = record['trial'] - children[0]['trial']
       if not 0 <= c < n:
         continue
@@ -259,7 +262,7 @@ class Search:
     if np.any(mismatch):
       c = int(np.argmax(mismatch))
       raise history_lib.HistoryError(
-        f'{self.history.path}: trial {children[c]["trial"]} of step {step} was recorded with other '
+        f'{history.path}: trial {children[c]["trial"]} of step {step} was recorded with other '
         f'tokens than the strategy, resumed from its checkpoint, samples now '
         f'({children[c]["tokens"]}): this workdir holds another search (other config or seed); '
         'use a new --workdir'
@@ -271,12 +274,17 @@ class Search:
     and recorded."""
     first = step * self.search.children_per_step
     children = [self.describe(first + c, step, t) for c, t in enumerate(tokens)]
-    known, rewards = self.recorded(step, children)
+    return self.train_children(children, self.history)
+
+  def train_children(self, children: list[dict], history) -> np.ndarray:
+    """Rewards of `children` (one step's; NaN: did not fit), each trained alone once across all
+    processes and recorded in `history`, unless it is there already."""
+    known, rewards = self.recorded(children, history)
     todo = [c for c in range(len(children)) if not known[c]]
     if len(todo) < len(children):
       logging.info(
         'step %d: %d children already in the history, %d to evaluate',
-        step,
+        children[0]['step'],
         len(children) - len(todo),
         len(todo),
       )
@@ -290,7 +298,7 @@ class Search:
       outcome = self.train_child(children[c])
       record = self.finish(children[c], outcome, self.process_index)
       self.log_child(record)
-      self.history.append(record)  # on disk at once on process 0, in memory elsewhere
+      history.append(record)  # on disk at once on process 0, in memory elsewhere
       rewards[c] = np.nan if record['reward'] is None else record['reward']
       accuracy[c] = np.nan if outcome['accuracy'] is None else outcome['accuracy']
       status[c] = STATUS_CODES[outcome['status']]
@@ -298,13 +306,13 @@ class Search:
       reason = (outcome['reason'] or '').encode('utf-8')[:REASON_BYTES]
       reasons[c, : len(reason)] = np.frombuffer(reason, np.uint8)
     if self.process_count > 1:
-      self.gather(children, todo, rewards, accuracy, status, seconds, reasons)
+      self.gather(children, todo, history, rewards, accuracy, status, seconds, reasons)
     self.check_failures(children, todo, status, reasons)
     return rewards
 
-  def gather(self, children, todo, rewards, accuracy, status, seconds, reasons):
+  def gather(self, children, todo, history, rewards, accuracy, status, seconds, reasons):
     """Every process learns every outcome (rewards, status and reasons are filled in for all of
-    `todo`); process 0 records the children others trained."""
+    `todo`); process 0 records the children others trained in `history`."""
     g_rewards, g_accuracy, g_status, g_seconds, g_reasons = multihost_utils.process_allgather(
       (rewards, accuracy, status, seconds, reasons)
     )
@@ -329,7 +337,7 @@ class Search:
       record = dict(
         children[c], **outcome, reward=None if math.isnan(reward) else reward, process=owner
       )
-      self.history.append(record)
+      history.append(record)
       if self.is_writer:
         self.log_child(record)
 
@@ -422,6 +430,15 @@ class Search:
     """Checkpoints the strategy's state after controller step `step` - 1."""
     self.checkpoints.save(step, args=ocp.args.StandardSave(state))
 
+  def conclude(self, state) -> None:
+    """What comes between the last controller step and the final report: nothing here, where every
+    child was trained alone (the one-shot search trains its finalists)."""
+    del state
+
+  def finalists(self) -> list[dict] | None:
+    """The records of the children trained alone after the search, for the report (none here)."""
+    return None
+
   def report(self, state) -> None:
     """Writes the report (pareto.py), with the policy's answer of the strategy's `state`."""
     if not self.is_writer:
@@ -442,6 +459,7 @@ class Search:
       description=description,
       accuracy=self.ACCURACY,
       policy_answer=None if answer is None else self.architecture_facts(answer),
+      finalists=self.finalists(),
     )
 
   def run(self):
@@ -504,6 +522,7 @@ class Search:
         self.report(state)
     writer.flush()
     self.checkpoints.wait_until_finished()
+    self.conclude(state)
     self.report(state)
     if self.is_writer:
       logging.info(

@@ -133,10 +133,15 @@ def oneshot_local(workdir):
   return 'configs/search.py:oneshot_local', flags(
     {
       **tpu_forms(config.proxy, 'proxy.'),
+      **tpu_forms(config.oneshot.finalist_proxy, 'oneshot.finalist_proxy.'),
       'search.num_children': 2,
       'oneshot.warmup_steps': 1,
       'oneshot.train_steps_per_child': 1,
       'oneshot.eval_examples': 1000,
+      'oneshot.finalists': 2,  # one a process, when there are two
+      'oneshot.finalist_proxy.num_steps': 1,
+      'oneshot.finalist_proxy.eval_examples': 1000,
+      'oneshot.finalist_proxy.bn_recalibration_batches': 1,
     }
   )
 
@@ -147,6 +152,13 @@ def check_search(workdir, num_children=2):
   assert [r['status'] for r in records] == ['ok'] * num_children, records
   assert os.listdir(os.path.join(workdir, 'checkpoints'))
   assert os.path.isfile(os.path.join(workdir, 'best.md'))
+
+
+def check_oneshot(workdir):
+  check_search(workdir)
+  finalists = history.read(os.path.join(workdir, 'finalists.jsonl'))
+  assert sorted(r['trial'] for r in finalists) == [0, 1]
+  assert [r['status'] for r in finalists] == ['ok', 'ok'], finalists
 
 
 def train_imagenet(workdir):
@@ -254,7 +266,7 @@ def check_profile(workdir):
 CASES = {
   'search': (search_imagenet, check_search),
   'search:local': (search_local, check_search),
-  'oneshot:local': (oneshot_local, check_search),
+  'oneshot:local': (oneshot_local, check_oneshot),
   'train': (train_imagenet, check_train),
   'train:local': (train_local, check_train),
   'export': (export_imagenet, check_export),

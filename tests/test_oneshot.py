@@ -1,6 +1,7 @@
 """The search on shared weights, in process, on 8 devices (conftest.py): the tiny space of
 test_search.py, synthetic 16 px data, a few supernet steps per child."""
 
+import copy
 import json
 import os
 
@@ -16,6 +17,7 @@ from mnasnet_jax import memory
 from mnasnet_jax import oneshot
 from mnasnet_jax import search
 from mnasnet_jax import search_space
+from mnasnet_jax import train
 from mnasnet_jax.configs import search as search_config
 from mnasnet_jax.configs import train as train_config
 
@@ -34,6 +36,11 @@ def tiny_oneshot(table_path, cache_dir, strategy='reinforce', num_children=4):
   config.oneshot.largest_first_steps = 1  # the warm-up's first child the largest
   config.search.report_every_steps = 0
   config.oneshot.update(eval_batch_size=16, eval_examples=32)
+  # Two finalists, trained alone as test_search.py's children are, for a step less than the
+  # supernet's recipe says (a finalist trained with the supernet's would show).
+  config.oneshot.finalists = 2
+  config.oneshot.finalist_proxy = copy.deepcopy(config.proxy)
+  config.oneshot.finalist_proxy.num_steps -= 1
   config.reward = shipped.reward
   config.reward.target_ms = 0.5
   config.controller.strategy = strategy
@@ -66,6 +73,11 @@ def test_shipped_configs():
       config.oneshot.warmup_steps
       + config.search.num_children * config.oneshot.train_steps_per_child
     )
+    # The finalists train as the multi-trial search's children, not as the supernet.
+    assert (
+      config.oneshot.finalist_proxy == search_config.get_config('local' if local else None).proxy
+    )
+    assert config.oneshot.finalist_proxy != config.proxy
     # Locally the recipe's classifier range (ImageNet's), not the official one ten times wider.
     recipe = train_config.get_config('local' if local else None)
     assert config.proxy.classifier_init_range == recipe.classifier_init_range
@@ -130,6 +142,26 @@ def test_search_writes_history_and_report(tmp_path, table, cache, strategy):
   else:
     assert len(answer['tokens']) == len(config.search_space.searched_blocks) * 6
     assert "The policy's answer" in best and ','.join(answer['blocks']) in best
+  # The finalists: distinct, the policy's answer first, each trained alone with the multi-trial
+  # proxy and seed train_seed + finalist, as the multi-trial search trains its child of that trial.
+  finalists = history.read(os.path.join(workdir, 'finalists.jsonl'))
+  assert [r['trial'] for r in finalists] == [0, 1]
+  assert finalists[0]['tokens'] != finalists[1]['tokens']
+  if answer is not None:
+    assert finalists[0]['tokens'] == answer['tokens']
+  searcher = search.Search(config, str(tmp_path / 'alone'))
+  for r in finalists:
+    alone = train.proxy_train(
+      config.oneshot.finalist_proxy,
+      searcher.architecture(r['blocks']),
+      searcher.data,
+      seed=r['trial'],
+    )
+    assert r['status'] == 'ok' and r['accuracy'] == np.float32(alone['accuracy'])
+  ranked = summary['finalists']
+  assert ranked[0]['reward'] == max(r['reward'] for r in finalists)
+  assert f'The answer, finalist {ranked[0]["trial"]}' in best
+  assert best.index('The answer') < best.index(','.join(ranked[0]['blocks']))
 
 
 @pytest.mark.slow  # three searches
@@ -171,6 +203,9 @@ def test_resume_after_a_kill_is_an_uninterrupted_run(tmp_path, table, cache, mon
   assert sum(trained) == 2
   strip = lambda rs: [{k: r[k] for k in ('trial', 'tokens', 'accuracy', 'reward')} for r in rs]
   assert strip(_records(workdir)) == strip(_records(str(tmp_path / 'whole')))
+  finalists = lambda w: strip(history.read(os.path.join(w, 'finalists.jsonl')))
+  assert len(finalists(workdir)) == 2
+  assert finalists(workdir) == finalists(str(tmp_path / 'whole'))
   for a, b in zip(jax.tree.leaves(resumed.state.params), jax.tree.leaves(whole.state.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 

@@ -38,6 +38,10 @@ SMALL = {
     '--config.oneshot.eval_examples=64',
     '--config.search.num_children=2',
     '--config.search.children_per_step=2',
+    '--config.oneshot.finalists=1',
+    '--config.oneshot.finalist_proxy.num_steps=2',
+    '--config.oneshot.finalist_proxy.eval_examples=100',
+    '--config.oneshot.finalist_proxy.bn_recalibration_batches=1',
   ],
   'configs/train.py:local': [
     '--config.num_steps=2',

@@ -7,6 +7,8 @@ children's image size and, with it, the latency table: the shipped one of that r
 as `--config.latency.table`).
 """
 
+import copy
+
 import ml_collections
 
 from mnasnet_jax import models
@@ -178,8 +180,8 @@ def oneshot_config(local: bool):
   # drawn from the whole space stay at chance for about 1,750 steps and only then learn (37.5%
   # training top-1 over steps 2,751-3,000; README, "Search on shared weights"), so the warm-up runs
   # well past that; a supernet step runs only the child's ops (supernet.switch), 0.105 s on 2 Zen 4
-  # cores, and the whole local budget (warm-up, 240 children of 2 steps, their rewards) takes
-  # 12-14 minutes there (README, "Search on shared weights").
+  # cores, 0.07-0.08 s on 2 Zen 5 cores, where the whole local budget (warm-up, 240 children of 2
+  # steps, their rewards, 8 finalists) took 10-11 minutes (README, "Search on shared weights").
   # On ImageNet (300 steps an epoch at batch 4096, 50,000 images held out) the whole is 90 epochs.
   oneshot.warmup_steps = 5000 if local else 7000
   # > 0: over the warm-up's first steps, children mostly the largest (oneshot.warmup_tokens; as
@@ -193,6 +195,12 @@ def oneshot_config(local: bool):
   oneshot.eval_batch_size = 128 if local else 1024
   oneshot.eval_examples = 2000 if local else 10_000  # the held-out images rewards cycle through
   oneshot.checkpoint_every_steps = 500 if local else 2000  # during the warm-up
+  # Children trained alone after the search (the policy's answer, then the next distinct ones the
+  # strategy samples), the best by reward the answer: shared weights cannot see how fast a child
+  # trains from scratch (oneshot.py). Each costs one multi-trial child: locally 8 took 104-126 s
+  # of 614-658 s on 2 Zen 5 cores (README, "Search on shared weights"); on ImageNet 8 are 40
+  # epochs of a child against the supernet's 90 epochs of its wider steps.
+  oneshot.finalists = 8
   return oneshot
 
 
@@ -215,6 +223,8 @@ def oneshot_search(config, local: bool):
   with its own budget."""
   config.job = 'oneshot'
   config.oneshot = oneshot_config(local)
+  # The finalists' training: the multi-trial search's proxy, before the supernet's changes below.
+  config.oneshot.finalist_proxy = copy.deepcopy(config.proxy)
   config.reward.kind = 'absolute'  # TuNAS's, recommended on shared weights
   # TuNAS's controller: independent logits, REINFORCE, updated every `children_per_step` children.
   config.controller.strategy = 'reinforce'

@@ -107,7 +107,7 @@ def finalist_tokens(strategy, state, num: int) -> list[np.ndarray]:
   for tokens in sampled:
     if len(found) < num and not any(np.array_equal(tokens, f) for f in found):
       found.append(np.asarray(tokens, np.int32))
-  return found[:num]
+  return found
 
 
 def step_number(step: int) -> np.ndarray:

@@ -176,12 +176,24 @@ def train_command(train_config: str, blocks: Sequence[str]) -> str:
   )
 
 
-def _row(rank, r, on_front):
-  return (
-    f'| {rank} | {r["trial"]} | {r["step"]} | {r["reward"]:.4f} | {100 * r["accuracy"]:.2f} | '
-    f'{r["latency_ms"]:.3f} | {r["params"]:,} | {r["macs"] / 1e6:.2f} | '
-    f'{"yes" if on_front else ""} |'
-  )
+def _table(records: Sequence[dict], last: str, last_cell) -> list[str]:
+  """A markdown table of `records` by rank, its last column `last` (`last_cell(record)`)."""
+  lines = [
+    '| rank | trial | step | reward | accuracy (%) | latency (ms) | params | mult-adds (M) '
+    f'| {last} |',
+    '|---:|---:|---:|---:|---:|---:|---:|---:|:---:|',
+  ]
+  return lines + [
+    f'| {i + 1} | {r["trial"]} | {r["step"]} | {r["reward"]:.4f} | {100 * r["accuracy"]:.2f} | '
+    f'{r["latency_ms"]:.3f} | {r["params"]:,} | {r["macs"] / 1e6:.2f} | {last_cell(r)} |'
+    for i, r in enumerate(records)
+  ]
+
+
+def _blocks_and_command(blocks: Sequence[str], train_config: str) -> list[str]:
+  """An architecture's block strings and the command that trains it in full."""
+  lines = ['Blocks:', ''] + [f'    {b}' for b in blocks]
+  return lines + ['', 'Train it in full:', '', '```', train_command(train_config, blocks), '```']
 
 
 def _policy_answer(records: Sequence[dict], answer: dict, train_config: str) -> list[str]:
@@ -200,22 +212,13 @@ def _policy_answer(records: Sequence[dict], answer: dict, train_config: str) -> 
     f'Latency {answer["latency_ms"]:.3f} ms, {answer["params"]:,} parameters, '
     f'{answer["macs"] / 1e6:.2f} M mult-adds. {seen}',
     '',
-    'Blocks:',
-    '',
   ]
-  lines += [f'    {b}' for b in answer['blocks']]
-  return lines + [
-    '',
-    'Train it in full:',
-    '',
-    '```',
-    train_command(train_config, answer['blocks']),
-    '```',
-    '',
-  ]
+  return lines + _blocks_and_command(answer['blocks'], train_config) + ['']
 
 
-def _finalists(finalists: Sequence[dict], train_config: str) -> list[str]:
+def _finalists(
+  finalists: Sequence[dict], policy_answer: dict | None, train_config: str
+) -> list[str]:
   """best.md's section on the children trained alone after a search on shared weights: the best
   of them by reward is the search's answer."""
   ranked = best_records(finalists, len(finalists))
@@ -227,25 +230,19 @@ def _finalists(finalists: Sequence[dict], train_config: str) -> list[str]:
     f'search trains a child (accuracy: {PROXY_ACCURACY}). Shared weights cannot tell how fast a '
     'child trains from scratch.',
     '',
-    '| rank | finalist | reward | accuracy (%) | latency (ms) | params | mult-adds (M) | status |',
-    '|---:|---:|---:|---:|---:|---:|---:|:---|',
   ]
-  lines += [
-    f'| {i + 1} | {r["trial"]} | {r["reward"]:.4f} | {100 * r["accuracy"]:.2f} | '
-    f'{r["latency_ms"]:.3f} | {r["params"]:,} | {r["macs"] / 1e6:.2f} | ok |'
-    for i, r in enumerate(ranked)
-  ]
-  lines += [
-    f'| | {r["trial"]} | | | {r["latency_ms"]:.3f} | {r["params"]:,} | {r["macs"] / 1e6:.2f} '
-    f'| {r["status"]}: {r["reason"]} |'
+  policy = None if policy_answer is None else policy_answer['tokens']
+  lines += _table(ranked, "the policy's answer", lambda r: 'yes' if r['tokens'] == policy else '')
+  untrained = [
+    f'- finalist {r["trial"]}, no accuracy: {r["status"]}, {r["reason"]}'
     for r in finalists
     if r not in ranked
   ]
+  if untrained:
+    lines += [''] + untrained
   if ranked:
-    lines += ['', f'The answer, finalist {ranked[0]["trial"]}:', '', 'Blocks:', '']
-    lines += [f'    {b}' for b in ranked[0]['blocks']]
-    lines += ['', 'Train it in full:', '', '```', train_command(train_config, ranked[0]['blocks'])]
-    lines += ['```']
+    lines += ['', f'The answer, finalist {ranked[0]["trial"]}:', '']
+    lines += _blocks_and_command(ranked[0]['blocks'], train_config)
   return lines + ['']
 
 
@@ -292,21 +289,15 @@ def write_best(
       '',
     ]
   if finalists:
-    lines += _finalists(finalists, train_config)
+    lines += _finalists(finalists, policy_answer, train_config)
   if policy_answer is not None:
     lines += _policy_answer(records, policy_answer, train_config)
   if finalists or policy_answer is not None:
     lines += ['## The best children by reward', '']
-  lines += [
-    '| rank | trial | step | reward | accuracy (%) | latency (ms) | params | mult-adds (M) '
-    '| Pareto |',
-    '|---:|---:|---:|---:|---:|---:|---:|---:|:---:|',
-  ]
-  lines += [_row(i + 1, r, r['trial'] in front_trials) for i, r in enumerate(best)]
+  lines += _table(best, 'Pareto', lambda r: 'yes' if r['trial'] in front_trials else '')
   for i, r in enumerate(best):
-    lines += ['', f'## {i + 1}. trial {r["trial"]}', '', 'Blocks:', '']
-    lines += [f'    {b}' for b in r['blocks']]
-    lines += ['', 'Train it in full:', '', '```', train_command(train_config, r['blocks']), '```']
+    lines += ['', f'## {i + 1}. trial {r["trial"]}', '']
+    lines += _blocks_and_command(r['blocks'], train_config)
   with open(path, 'w') as f:
     f.write('\n'.join(lines) + '\n')
 
